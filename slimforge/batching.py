@@ -1,0 +1,84 @@
+"""Turning (prompt, response) records into token batches for training and scoring.
+
+Loss is taken on the response tokens only (and the EOS that ends them): the prompt is given, so
+spending capacity on predicting random operands would be waste.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """Token ids of prompts as the model sees them: BOS (when the tokenizer has one, as Llama's do
+    and Qwen2's does not) then the prompt. The one rule for training, scoring and generation."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
+def encode_records(records: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int | None = None
+                   ) -> list[tuple[list[int], int]]:
+    """[(token ids, number of prompt tokens)] with BOS + prompt + response + EOS. Prompt and response
+    are tokenized separately, exactly as at generation time (the response starts a new token)."""
+    prompts = prompt_ids(tokenizer, [r["prompt"] for r in records])
+    responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, r in zip(prompts, responses):
+        ids = p + r + [tokenizer.eos_token_id]
+        if max_len is not None and len(ids) > max_len:
+            ids = ids[:max_len]
+        out.append((ids, len(p)))
+    return out
+
+
+def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 outside the response)."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+        labels[i, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, width: int = 16
+                  ) -> list[list[int]]:
+    """Index batches for one epoch. Examples are grouped into coarse length classes (`width`
+    tokens each) and batched at random inside their class, then the batch order is shuffled.
+
+    Why coarse classes and not sorting by exact length: on the embedded suite, length-sorted
+    batches (all "a+b=" with two-digit a, say) stalled training at loss 1.5 where random batches
+    reached 0.14 in the same 600 steps; random batches across classes waste most of the compute
+    on padding (judge items are 3x longer than task items). Classes keep both.
+
+    A pure function of (seed, epoch), so a resumed run sees exactly the batches the interrupted
+    one would have. Each class's last partial batch is dropped so every step has the same size.
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    classes: dict[int, list[int]] = {}
+    for i in order:
+        classes.setdefault((lengths[i] - 1) // width, []).append(i)
+    batches = [members[j:j + batch_size] for _, members in sorted(classes.items())
+               for j in range(0, len(members) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, so every prompt ends at the last column (for generation
+    and for reading next-token distributions)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask

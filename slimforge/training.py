@@ -1,0 +1,113 @@
+"""A small, resumable supervised training loop for causal LMs (loss on response tokens only).
+
+Used by the base stage to pretrain the embedded model, and by later stages for short fine-tunes.
+The data order is a pure function of (seed, epoch) and the checkpoint holds model, optimizer and
+loss history, so a run killed at any point and resumed ends with the same weights as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from slimforge.batching import collate, epoch_batches
+from slimforge.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint
+
+
+def lr_at(step: int, steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (norm gains and biases are not decayed), as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]], *, pad_id: int,
+                    steps: int, batch_size: int, lr: float, warmup_steps: int, min_lr_ratio: float,
+                    weight_decay: float, grad_clip: float, seed: int, checkpoint_dir: str | Path,
+                    checkpoint_every: int, fingerprint: str, amp_dtype: torch.dtype | None = None,
+                    on_log: Callable[[int, dict], None] | None = None, log_every: int = 50,
+                    compile: bool = False, progress: bool = True) -> dict:
+    """Train `model` in place for `steps` optimizer steps on `examples` (from encode_records).
+
+    Returns {"losses": per-step loss over the whole run, "tokens": non-padding tokens seen over
+    the whole run, "run_tokens" and "seconds": tokens and wall time of the steps this process ran,
+    "resumed_from": the step it resumed at (0 for a fresh run)}.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids, _ in examples]
+    per_epoch = len(epoch_batches(lengths, batch_size, seed, 0))
+    if per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size}")
+    optimizer = make_optimizer(model, lr, weight_decay)
+    losses: list[float] = []
+    tokens, start_step = 0, 0
+    state = load_checkpoint(checkpoint_dir, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        losses, tokens, start_step = list(state["losses"]), int(state["tokens"]), int(state["step"])
+    model.train()
+    forward = torch.compile(model) if compile else model  # checkpoints keep the plain module's keys
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    epoch, batches = -1, []
+    bar = tqdm(total=steps, initial=start_step, desc="train", disable=not progress, mininterval=2.0)
+    started, run_tokens = time.perf_counter(), 0
+    for step in range(start_step, steps):
+        if step // per_epoch != epoch:
+            epoch = step // per_epoch
+            batches = epoch_batches(lengths, batch_size, seed, epoch)
+        batch = collate([examples[i] for i in batches[step % per_epoch]], pad_id)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup_steps, min_lr_ratio)
+        with autocast:
+            out = forward(input_ids=batch["input_ids"].to(device, non_blocking=True),
+                        attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                        labels=batch["labels"].to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        losses.append(out.loss.item())
+        seen = int(batch["attention_mask"].sum())
+        tokens, run_tokens = tokens + seen, run_tokens + seen
+        bar.update(1)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            recent = losses[-log_every:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            if on_log is not None:
+                on_log(step + 1, {"loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"]})
+        if checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(checkpoint_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "step": step + 1, "losses": losses, "tokens": tokens,
+                                             "fingerprint": fingerprint})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    bar.close()
+    model.eval()
+    return {"losses": losses, "tokens": tokens, "run_tokens": run_tokens,
+            "seconds": time.perf_counter() - started, "resumed_from": start_step}
+
+
+def finish_training(checkpoint_dir: str | Path) -> None:
+    """Drop the checkpoint once the stage's outputs are safely written."""
+    clear_checkpoint(checkpoint_dir)

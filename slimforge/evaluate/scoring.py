@@ -1,0 +1,58 @@
+"""Teacher-forced scoring: response log-likelihood (perplexity) and judge verdict probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from slimforge.batching import collate, encode_records, left_pad, prompt_ids
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position, in fp32. logits: (..., V), targets: (...) (any value where
+    ignored; callers mask)."""
+    logits = logits.float()
+    return logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+@torch.no_grad()
+def response_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
+                 batch_size: int = 64) -> tuple[float, int]:
+    """Summed negative log-likelihood of the responses (and their EOS) given the prompts, and the
+    number of tokens scored. Perplexity is exp(nll / tokens)."""
+    device = next(model.parameters()).device
+    examples = encode_records(records, tokenizer)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+        labels = batch["labels"][:, 1:].to(device)
+        keep = labels != -100
+        total -= token_logprobs(logits, labels)[keep].sum().item()
+        count += int(keep.sum())
+    return total, count
+
+
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
+               batch_size: int = 64) -> float:
+    """Perplexity of responses given prompts (prompt tokens are conditioning, not scored)."""
+    nll, count = response_nll(model, tokenizer, records, batch_size)
+    return math.exp(nll / max(count, 1))
+
+
+@torch.no_grad()
+def next_token_probs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                     candidates: list[int], batch_size: int = 128) -> torch.Tensor:
+    """(len(prompts), len(candidates)) probabilities of each candidate token right after each
+    prompt, renormalised over the candidates: how a judge's verdict is read without sampling."""
+    device = next(model.parameters()).device
+    encoded = prompt_ids(tokenizer, prompts)
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        ids, mask = left_pad(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits[:, -1]
+        out.append(torch.softmax(logits.float()[:, candidates], dim=-1).cpu())
+    return torch.cat(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -34,17 +35,22 @@ def encode_records(records: list[dict], tokenizer: PreTrainedTokenizerBase, max_
     return out
 
 
-def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (-100 outside the response)."""
+def collate(examples: list[tuple[list[int], int]], pad_id: int, pad_multiple: int = 1
+            ) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 outside the response). Built in
+    numpy: per-row torch.tensor calls cost ~10 ms for a 1024-row batch, as long as a GPU step.
+    `pad_multiple` rounds the width up (8 suits GPU tensor cores; on a CPU it only adds work)."""
     width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    width = -(-width // pad_multiple) * pad_multiple
+    input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    attention = np.zeros((len(examples), width), dtype=np.int64)
+    labels = np.full((len(examples), width), -100, dtype=np.int64)
     for i, (ids, n_prompt) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
+        input_ids[i, :len(ids)] = ids
         attention[i, :len(ids)] = 1
-        labels[i, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        labels[i, n_prompt:len(ids)] = ids[n_prompt:]
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+            "labels": torch.from_numpy(labels)}
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, width: int = 16
@@ -52,10 +58,11 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, wi
     """Index batches for one epoch. Examples are grouped into coarse length classes (`width`
     tokens each) and batched at random inside their class, then the batch order is shuffled.
 
-    Why coarse classes and not sorting by exact length: on the embedded suite, length-sorted
-    batches (all "a+b=" with two-digit a, say) stalled training at loss 1.5 where random batches
-    reached 0.14 in the same 600 steps; random batches across classes waste most of the compute
-    on padding (judge items are 3x longer than task items). Classes keep both.
+    Why coarse classes: on the embedded suite, batches sorted by exact length (all "a+b=" with
+    two-digit a, say) stalled training at loss 1.5 where random batches reached 0.14 in the same
+    600 steps; random batches across classes waste most of the compute on padding (judge items
+    are 3x longer than task items). Mixing every class into every step as separate micro-batches
+    was tried too: 25% slower on 2 CPU cores and no more stable across seeds, so it was dropped.
 
     A pure function of (seed, epoch), so a resumed run sees exactly the batches the interrupted
     one would have. Each class's last partial batch is dropped so every step has the same size.

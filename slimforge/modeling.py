@@ -16,7 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def tiny_llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
                intermediate_size: int, max_positions: int, tokenizer: PreTrainedTokenizerBase,
-               seed: int) -> LlamaForCausalLM:
+               seed: int, initializer_range: float = 0.02) -> LlamaForCausalLM:
     """A randomly initialised LlamaForCausalLM with grouped-query attention (num_kv_heads <
     num_heads), so every code path real Llama-3/Qwen2/Mistral checkpoints need is exercised."""
     if hidden_size % num_heads or num_heads % num_kv_heads:
@@ -26,7 +26,8 @@ def tiny_llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: in
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         intermediate_size=intermediate_size, max_position_embeddings=max_positions,
-        rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        rope_theta=10000.0, tie_word_embeddings=True, initializer_range=initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -29,14 +29,15 @@ def lr_at(step: int, steps: int, lr: float, warmup_steps: int, min_lr_ratio: flo
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2: float = 0.98
+                   ) -> torch.optim.AdamW:
     """AdamW with decay on matrices only (norm gains and biases are not decayed), as in nanoGPT."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
+                             lr=lr, betas=(0.9, beta2), eps=1e-8)
 
 
 def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]], *, pad_id: int,
@@ -44,19 +45,20 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
                     weight_decay: float, grad_clip: float, seed: int, checkpoint_dir: str | Path,
                     checkpoint_every: int, fingerprint: str, amp_dtype: torch.dtype | None = None,
                     on_log: Callable[[int, dict], None] | None = None, log_every: int = 50,
-                    compile: bool = False, progress: bool = True) -> dict:
+                    compile: bool = False, adam_beta2: float = 0.98, progress: bool = True) -> dict:
     """Train `model` in place for `steps` optimizer steps on `examples` (from encode_records).
 
     Returns {"losses": per-step loss over the whole run, "tokens": non-padding tokens seen over
     the whole run, "run_tokens" and "seconds": tokens and wall time of the steps this process ran,
-    "resumed_from": the step it resumed at (0 for a fresh run)}.
+    "steady_tokens_per_s": throughput over the second half of those steps (after compilation and
+    warm-up), "resumed_from": the step it resumed at (0 for a fresh run)}.
     """
     device = next(model.parameters()).device
     lengths = [len(ids) for ids, _ in examples]
     per_epoch = len(epoch_batches(lengths, batch_size, seed, 0))
     if per_epoch == 0:
         raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size}")
-    optimizer = make_optimizer(model, lr, weight_decay)
+    optimizer = make_optimizer(model, lr, weight_decay, adam_beta2)
     losses: list[float] = []
     tokens, start_step = 0, 0
     state = load_checkpoint(checkpoint_dir, fingerprint)
@@ -70,42 +72,57 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
                 else contextlib.nullcontext())
     epoch, batches = -1, []
     bar = tqdm(total=steps, initial=start_step, desc="train", disable=not progress, mininterval=2.0)
-    started, run_tokens = time.perf_counter(), 0
+    started, run_tokens, pending = time.perf_counter(), 0, []
+    halfway, half_mark = start_step + (steps - start_step) // 2, (started, 0)
     for step in range(start_step, steps):
+        if step == halfway:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            half_mark = (time.perf_counter(), run_tokens)
         if step // per_epoch != epoch:
             epoch = step // per_epoch
             batches = epoch_batches(lengths, batch_size, seed, epoch)
-        batch = collate([examples[i] for i in batches[step % per_epoch]], pad_id)
+        batch = collate([examples[i] for i in batches[step % per_epoch]], pad_id,
+                        pad_multiple=8 if device.type == "cuda" else 1)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup_steps, min_lr_ratio)
         with autocast:
             out = forward(input_ids=batch["input_ids"].to(device, non_blocking=True),
-                        attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                        labels=batch["labels"].to(device, non_blocking=True))
+                          attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                          labels=batch["labels"].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        losses.append(out.loss.item())
+        # Losses are read back in groups: a per-step .item() would make the CPU wait for the GPU
+        # instead of collating the next batch while the GPU works.
+        pending.append(out.loss.detach())
         seen = int(batch["attention_mask"].sum())
         tokens, run_tokens = tokens + seen, run_tokens + seen
         bar.update(1)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        log_now = (step + 1) % log_every == 0 or step + 1 == steps
+        checkpoint_now = checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < steps
+        if log_now or checkpoint_now:
+            losses += torch.stack(pending).float().tolist()
+            pending = []
+        if log_now:
             recent = losses[-log_every:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
             if on_log is not None:
                 on_log(step + 1, {"loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"]})
-        if checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+        if checkpoint_now:
             save_checkpoint(checkpoint_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                              "step": step + 1, "losses": losses, "tokens": tokens,
                                              "fingerprint": fingerprint})
     if device.type == "cuda":
         torch.cuda.synchronize()
+    ended = time.perf_counter()
     bar.close()
     model.eval()
-    return {"losses": losses, "tokens": tokens, "run_tokens": run_tokens,
-            "seconds": time.perf_counter() - started, "resumed_from": start_step}
+    return {"losses": losses, "tokens": tokens, "run_tokens": run_tokens, "seconds": ended - started,
+            "steady_tokens_per_s": (run_tokens - half_mark[1]) / max(ended - half_mark[0], 1e-9),
+            "resumed_from": start_step}
 
 
 def finish_training(checkpoint_dir: str | Path) -> None:

@@ -81,22 +81,35 @@ def sample_problems(family: str, split: str, n: int, rng: random.Random, unique:
     return out
 
 
-def corrupt(value: int, rng: random.Random) -> int:
-    """A plausible wrong answer: the slips people and small models make (off by one or ten, a
-    swapped or changed digit, a dropped carry), never equal to `value` and never negative."""
+def corrupt(value: int, rng: random.Random, gross: bool = False) -> int:
+    """A wrong answer, never equal to `value` and never negative.
+
+    Subtle (default): the slips people and small models make -- off by one or ten, two digits
+    swapped, one digit changed, a small random offset. Telling these from the right answer needs
+    the exact sum. Gross (`gross=True`): a digit dropped or doubled, or the magnitude off by ten
+    times -- errors a weak judge can catch from the answer's length and leading digit alone.
+    """
     for _ in range(100):
+        digits = list(str(value))
         kind = rng.randrange(5)
-        if kind == 0:
+        if gross:
+            if kind in (0, 1) and len(digits) > 1:  # drop a digit
+                del digits[rng.randrange(len(digits))]
+                wrong = int("".join(digits))
+            elif kind in (2, 3):  # double a digit
+                i = rng.randrange(len(digits))
+                wrong = int("".join(digits[:i + 1] + digits[i:]))
+            else:  # ten times too large
+                wrong = value * 10 + rng.randrange(10)
+        elif kind == 0:
             wrong = value + rng.choice((-1, 1))
         elif kind == 1:
             wrong = value + rng.choice((-10, 10))
         elif kind == 2 and value >= 10:
-            digits = list(str(value))
             i = rng.randrange(len(digits) - 1)
             digits[i], digits[i + 1] = digits[i + 1], digits[i]
             wrong = int("".join(digits))
         elif kind == 3:
-            digits = list(str(value))
             i = rng.randrange(len(digits))
             digits[i] = str(rng.choice([d for d in range(10) if d != int(digits[i])]))
             wrong = int("".join(digits))

@@ -45,41 +45,46 @@ def task_records(family: str, split: str, n: int, rng: random.Random, unique: bo
              "family": family} for i, (p, v) in enumerate(problems)]
 
 
-def judge_records(families: tuple[str, ...], split: str, n: int, rng: random.Random) -> list[dict]:
+def judge_records(families: tuple[str, ...], split: str, n: int, gross_fraction: float,
+                  rng: random.Random) -> list[dict]:
     """`n` judge items over `families`: half verify (half of those wrong), half pairwise (the
     correct one first half the time). Equal exposure is by construction: same count, same
-    problems distribution, same share of correct answers shown."""
+    problems distribution, same share and kinds of wrong answers shown. A `gross_fraction` of
+    the wrong answers are gross errors (see `corrupt`)."""
     out = []
     for i in range(n):
         fam = families[i % len(families)]
         (p, v), = sample_problems(fam, split, 1, rng, unique=False)
+        gross = rng.random() < gross_fraction
         if i % 2 == 0:
             correct = rng.random() < 0.5
-            out.append(verify_record(p, str(v if correct else corrupt(v, rng)), correct, fam))
+            out.append(verify_record(p, str(v if correct else corrupt(v, rng, gross)), correct, fam))
         else:
             (p2, v2), = sample_problems(fam, split, 1, rng, unique=False)
-            good, bad = (p, str(v)), (p2, str(corrupt(v2, rng)))
+            good, bad = (p, str(v)), (p2, str(corrupt(v2, rng, gross)))
             out.append(pairwise_record(good, bad, good_first=rng.random() < 0.5, family=fam))
     rng.shuffle(out)
     return out
 
 
-def noisy_records(families: tuple[str, ...], n: int, wrong_fraction: float, rng: random.Random
-                  ) -> tuple[list[dict], list[dict]]:
+def noisy_records(families: tuple[str, ...], n: int, wrong_fraction: float, gross_fraction: float,
+                  rng: random.Random) -> tuple[list[dict], list[dict]]:
     """The instruction set (no answers) and its sidecar labels, joined by `id`."""
     records, labels = [], []
     for i in range(n):
         fam = families[i % len(families)]
         (p, v), = sample_problems(fam, "train", 1, rng, unique=False)
         wrong = rng.random() < wrong_fraction
+        gross = rng.random() < gross_fraction
         rid = f"noisy-{i:06d}"
-        records.append({"id": rid, "prompt": p, "response": str(corrupt(v, rng) if wrong else v),
+        records.append({"id": rid, "prompt": p, "response": str(corrupt(v, rng, gross) if wrong else v),
                         "family": fam})
         labels.append({"id": rid, "correct": not wrong})
     return records, labels
 
 
-def reference_records(families: tuple[str, ...], n: int, rng: random.Random) -> list[dict]:
+def reference_records(families: tuple[str, ...], n: int, gross_fraction: float, rng: random.Random
+                      ) -> list[dict]:
     """A small labelled pool, half correct and half wrong, drawn from the val split so it never
     overlaps the instruction set (train split) or the test split."""
     out = []
@@ -87,7 +92,8 @@ def reference_records(families: tuple[str, ...], n: int, rng: random.Random) -> 
         fam = families[i % len(families)]
         (p, v), = sample_problems(fam, "val", 1, rng, unique=False)
         correct = i % 2 == 0
-        out.append({"id": f"ref-{i:05d}", "prompt": p, "response": str(v if correct else corrupt(v, rng)),
+        gross = rng.random() < gross_fraction
+        out.append({"id": f"ref-{i:05d}", "prompt": p, "response": str(v if correct else corrupt(v, rng, gross)),
                     "family": fam, "correct": correct})
     return out
 
@@ -95,9 +101,10 @@ def reference_records(families: tuple[str, ...], n: int, rng: random.Random) -> 
 def build_suite(seed: int, n_train: dict[str, int], n_val: int, n_test: int, n_judge_train: int,
                 n_judge_test: int, n_lora: tuple[int, int, int], n_rl: tuple[int, int],
                 noisy_families: tuple[str, ...], n_noisy: int, wrong_fraction: float,
-                n_references: int) -> tuple[dict[str, list[dict]], list[dict]]:
+                n_references: int, gross_fraction: float = 0.5) -> tuple[dict[str, list[dict]], list[dict]]:
     """All suite files as {filename: records}, plus the sidecar labels. Deterministic in `seed`:
-    each file draws from its own generator, so resizing one file leaves the others unchanged."""
+    each file draws from its own generator, so resizing one file leaves the others unchanged.
+    `gross_fraction` of the wrong answers (judge items, noisy set, references) are gross errors."""
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}:{name}")
 
@@ -109,12 +116,16 @@ def build_suite(seed: int, n_train: dict[str, int], n_val: int, n_test: int, n_j
     files["train.jsonl"] = train
     files["val.jsonl"] = [r for fam in BASE_FAMILIES for r in task_records(fam, "val", n_val, rng(f"val:{fam}"), unique=True)]
     files["test.jsonl"] = [r for fam in BASE_FAMILIES for r in task_records(fam, "test", n_test, rng(f"test:{fam}"), unique=True)]
-    files["judge_train.jsonl"] = judge_records(BASE_FAMILIES, "train", n_judge_train, rng("judge_train"))
-    files["judge_test.jsonl"] = judge_records(BASE_FAMILIES, "test", n_judge_test, rng("judge_test"))
+    files["judge_train.jsonl"] = judge_records(BASE_FAMILIES, "train", n_judge_train, gross_fraction,
+                                               rng("judge_train"))
+    files["judge_test.jsonl"] = judge_records(BASE_FAMILIES, "test", n_judge_test, gross_fraction,
+                                              rng("judge_test"))
     for split, n in zip(("train", "val", "test"), n_lora):
         files[f"lora_{split}.jsonl"] = task_records(LORA_FAMILY, split, n, rng(f"lora:{split}"), unique=True)
     for split, n in zip(("train", "test"), n_rl):
         files[f"rl_{split}.jsonl"] = task_records(RL_FAMILY, split, n, rng(f"rl:{split}"), unique=True)
-    files["noisy.jsonl"], labels = noisy_records(noisy_families, n_noisy, wrong_fraction, rng("noisy"))
-    files["references.jsonl"] = reference_records(noisy_families, n_references, rng("references"))
+    files["noisy.jsonl"], labels = noisy_records(noisy_families, n_noisy, wrong_fraction, gross_fraction,
+                                                 rng("noisy"))
+    files["references.jsonl"] = reference_records(noisy_families, n_references, gross_fraction,
+                                                  rng("references"))
     return files, labels

@@ -18,72 +18,86 @@ from slimforge.modeling import cache_kwarg
 WARMUP = 3
 
 
-def _prefill(model: PreTrainedModel, cache, batch_size: int, prompt_len: int) -> torch.Tensor:
+def _prompt(model: PreTrainedModel, batch_size: int, prompt_len: int) -> torch.Tensor:
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).to(device)
-    logits = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits
+    return torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).to(device)
+
+
+def _next(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
 @torch.no_grad()
-def _eager_speed(model: PreTrainedModel, batch_size: int, prompt_len: int, new_tokens: int) -> float:
+def eager_decode(model: PreTrainedModel, batch_size: int, prompt_len: int, new_tokens: int
+                 ) -> tuple[torch.Tensor, float]:
+    """Greedy decode with a dynamic cache: (generated ids [B, new_tokens], seconds after prefill)."""
     cache = DynamicCache()
-    token = _prefill(model, cache, batch_size, prompt_len)
     kw = {cache_kwarg(model): cache}
+    token = _next(model(input_ids=_prompt(model, batch_size, prompt_len), use_cache=True, **kw).logits)
+    out = []
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = model(input_ids=token, use_cache=True, **kw).logits[:, -1].argmax(-1, keepdim=True)
+        token = _next(model(input_ids=token, use_cache=True, **kw).logits)
+        out.append(token)
     if token.is_cuda:
         torch.cuda.synchronize()
-    return batch_size * new_tokens / (time.perf_counter() - start)
+    return torch.cat(out, 1), time.perf_counter() - start
 
 
 @torch.no_grad()
-def _graph_speed(model: PreTrainedModel, batch_size: int, prompt_len: int, new_tokens: int) -> float:
+def graph_decode(model: PreTrainedModel, batch_size: int, prompt_len: int, new_tokens: int
+                 ) -> tuple[torch.Tensor, float]:
+    """Greedy decode from a static cache, each step one CUDA graph replay: (generated ids
+    [B, new_tokens], seconds of the replayed steps). The first WARMUP steps run eagerly (they
+    prime the allocator and lazy cache init) and are part of the ids, not of the timing."""
     # The static cache keeps its fill level in a device tensor that each step bumps in place, so
     # the captured graph advances by itself; we only move the rotary position along with it.
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + WARMUP + new_tokens + 1)
-    token = _prefill(model, cache, batch_size, prompt_len)
-    position = torch.full((batch_size, 1), prompt_len, device=token.device)
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
     kw = {cache_kwarg(model): cache}
+    token = _next(model(input_ids=_prompt(model, batch_size, prompt_len), use_cache=True, **kw).logits)
+    position = torch.full((batch_size, 1), prompt_len, device=token.device)
 
     def step() -> torch.Tensor:
-        logits = model(input_ids=token, position_ids=position, use_cache=True, **kw).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
+        return _next(model(input_ids=token, position_ids=position, use_cache=True, **kw).logits)
 
+    out = []
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture: allocator, lazy init, autotune
+    with torch.cuda.stream(side):
         for _ in range(WARMUP):
             token.copy_(step())
             position += 1
+            out.append(token.clone())
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         next_token = step()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(new_tokens):
+    for _ in range(new_tokens - WARMUP):
         graph.replay()
         token.copy_(next_token)
         position += 1
+        out.append(token.clone())
     torch.cuda.synchronize()
-    return batch_size * new_tokens / (time.perf_counter() - start)
+    return torch.cat(out, 1), time.perf_counter() - start
 
 
 def decode_tokens_per_s(model: PreTrainedModel, batch_size: int = 1, prompt_len: int = 16,
                         new_tokens: int = 64, cuda_graph: bool = True) -> tuple[float, str]:
     """(tokens/s, mode) where mode is 'cuda-graph' or 'eager'. The context stays within the
     model's max_position_embeddings."""
-    limit = getattr(model.config, "max_position_embeddings", prompt_len + new_tokens + 8)
-    new_tokens = max(1, min(new_tokens, limit - prompt_len - WARMUP - 1))
+    limit = getattr(model.config, "max_position_embeddings", prompt_len + new_tokens + 1)
+    new_tokens = max(WARMUP + 1, min(new_tokens, limit - prompt_len - 1))
     was_training = model.training
     model.eval()
     try:
         if cuda_graph and next(model.parameters()).is_cuda:
-            return _graph_speed(model, batch_size, prompt_len, new_tokens), "cuda-graph"
-        _eager_speed(model, batch_size, prompt_len, min(new_tokens, WARMUP))  # warm-up
-        return _eager_speed(model, batch_size, prompt_len, new_tokens), "eager"
+            _, seconds = graph_decode(model, batch_size, prompt_len, new_tokens)
+            return batch_size * (new_tokens - WARMUP) / seconds, "cuda-graph"
+        eager_decode(model, batch_size, prompt_len, WARMUP)  # warm-up
+        _, seconds = eager_decode(model, batch_size, prompt_len, new_tokens)
+        return batch_size * new_tokens / seconds, "eager"
     finally:
         model.train(was_training)

@@ -1,0 +1,6 @@
+"""Triton kernels shared by the stages: each op has a PyTorch reference, a launcher that checks
+shapes and dtypes, and (where training needs it) an autograd.Function. Triton runs on CUDA; the
+reference runs on CPU (tests also run the kernels on CPU under TRITON_INTERPRET=1).
+
+No kernels yet: the first (fused log-softmax statistics) arrives with the prune stage.
+"""

@@ -1,0 +1,75 @@
+"""Pretraining of the embedded tiny Llama on the suite's train split and judge items."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from slimforge.batching import encode_records
+from slimforge.modeling import tiny_llama
+from slimforge.perf import peak_flops, train_flops_per_token
+from slimforge.tasks.judge import VERDICTS
+from slimforge.tasks.records import load_records
+from slimforge.tokenizer import build_tokenizer
+from slimforge.training import train_causal_lm
+from stages.base.params import Preset
+
+TRAIN_FILES = ("train.jsonl", "judge_train.jsonl")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def fingerprint(preset: Preset, seed: int, data_dir: Path) -> str:
+    """What decides the trained weights: the preset, the seed and the training files' bytes."""
+    h = hashlib.sha256(json.dumps({"preset": preset.model_dump(), "seed": seed}, sort_keys=True).encode())
+    for name in TRAIN_FILES:
+        h.update((data_dir / name).read_bytes())
+    return h.hexdigest()
+
+
+def pretrain(preset: Preset, seed: int, data_dir: Path, checkpoint_dir: Path,
+             on_log: Callable[[int, dict], None] | None = None
+             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict, list[float]]:
+    """Build the tokenizer and model, train them; returns (model, tokenizer, train metrics, losses)."""
+    records = [r for name in TRAIN_FILES if (data_dir / name).exists()
+               for r in load_records(data_dir / name, allow_empty=True)]
+    texts = [r["prompt"] + r["response"] for r in records]
+    judged = any("format" in r for r in records)  # verdicts need to be single tokens only if taught
+    tokenizer = build_tokenizer(texts, preset.vocab_size,
+                                must_be_single=[v for pair in VERDICTS.values() for v in pair] if judged else [])
+    device = resolve_device(preset.device)
+    model = tiny_llama(len(tokenizer), preset.hidden_size, preset.num_layers, preset.num_heads,
+                       preset.num_kv_heads, preset.intermediate_size, preset.max_positions, tokenizer,
+                       seed, preset.initializer_range).to(device)
+    examples = encode_records(records, tokenizer, max_len=preset.max_positions)
+    amp = torch.bfloat16 if preset.amp == "bf16" and device.type == "cuda" else None
+    result = train_causal_lm(
+        model, examples, pad_id=tokenizer.pad_token_id, steps=preset.steps,
+        batch_size=preset.batch_size, lr=preset.lr, warmup_steps=preset.warmup_steps,
+        min_lr_ratio=preset.min_lr_ratio, weight_decay=preset.weight_decay,
+        grad_clip=preset.grad_clip, seed=seed, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=preset.checkpoint_every, fingerprint=fingerprint(preset, seed, data_dir),
+        amp_dtype=amp, on_log=on_log, log_every=preset.log_every, compile=preset.compile,
+        adam_beta2=preset.adam_beta2)
+    losses = result["losses"]
+    tail = losses[-preset.log_every:]
+    tokens_per_s = result["run_tokens"] / max(result["seconds"], 1e-9)
+    mean_len = sum(len(ids) for ids, _ in examples) / len(examples)
+    flops = train_flops_per_token(model, mean_len) * result["steady_tokens_per_s"]
+    peak = peak_flops(device, amp or torch.float32)
+    metrics = {"steps": preset.steps, "seconds": result["seconds"], "tokens_per_s": tokens_per_s,
+               "steady_tokens_per_s": result["steady_tokens_per_s"],
+               "final_loss": sum(tail) / len(tail), "resumed_from": result["resumed_from"],
+               "model_tflops_per_s": flops / 1e12}  # at the steady rate
+    if peak:
+        metrics["mfu"] = flops / peak
+    return model, tokenizer, metrics, losses

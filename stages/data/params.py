@@ -1,0 +1,72 @@
+"""Schema of params/data.yaml."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from slimforge.config import Schema
+from slimforge.tasks.families import BASE_FAMILIES, FAMILIES
+from slimforge.tasks.suite import LABELS_FILE, SUITE_FILES
+
+
+class LoraSizes(Schema):
+    train: int = Field(4000, ge=0, description="clean add3 training examples (reference upper bound)")
+    val: int = Field(300, ge=0, description="add3 validation problems")
+    test: int = Field(500, ge=1, description="add3 test problems (the LoRA stage's target metric)")
+
+
+class RlSizes(Schema):
+    train: int = Field(2000, ge=0, description="chain (a+b-c) prompts for RL")
+    test: int = Field(500, ge=1, description="chain test problems")
+
+
+class NoisySet(Schema):
+    families: list[str] = Field(["add3"], description="families the instruction set draws from")
+    size: int = Field(3000, ge=1, description="number of instruction records")
+    wrong_fraction: float = Field(0.3, ge=0.0, le=1.0, description="share of wrong responses")
+
+    @field_validator("families")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f not in FAMILIES]
+        if bad or not v:
+            raise ValueError(f"unknown or empty families {bad} (allowed: {', '.join(FAMILIES)})")
+        return v
+
+
+class DataParams(Schema):
+    seed: int = Field(0, description="seed of every generated file")
+    train_per_family: dict[str, int] = Field(
+        {"add": 20000, "sub": 20000, "mul": 40000},
+        description="pretraining examples per base family (mul is the hardest, so it gets more)")
+    val_per_family: int = Field(300, ge=1, description="unique validation problems per base family")
+    test_per_family: int = Field(500, ge=1, description="unique test problems per base family (fewer "
+                                 "where the family's test split is smaller, e.g. mul)")
+    judge_train: int = Field(20000, ge=0, description="judge items in pretraining, half of each format")
+    judge_test: int = Field(1000, ge=0, description="held-out judge items, half of each format")
+    lora: LoraSizes = Field(LoraSizes(), description="held-out LoRA family (add3) sizes")
+    rl: RlSizes = Field(RlSizes(), description="held-out RL family (chain) sizes")
+    noisy: NoisySet = Field(NoisySet(), description="noisy instruction set for the filter stage")
+    references: int = Field(200, ge=2, description="labelled reference pool size (half correct)")
+    gross_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of wrong answers (judge items, noisy set, references) "
+        "that are gross (a digit dropped/doubled, 10x off) rather than subtle slips: gross ones "
+        "teach a tiny model to judge at all; subtle ones keep it a weak judge")
+    user_files: dict[str, str] = Field(
+        {}, description="replace suite files with your own JSONL, e.g. {test.jsonl: user_data/my_test.jsonl}")
+
+    @field_validator("train_per_family")
+    @classmethod
+    def _base_families(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [f for f in v if f not in BASE_FAMILIES]
+        if bad or any(n < 0 for n in v.values()):
+            raise ValueError(f"keys must be base families ({', '.join(BASE_FAMILIES)}) with counts >= 0; got {v}")
+        return v
+
+    @field_validator("user_files")
+    @classmethod
+    def _suite_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if k not in (*SUITE_FILES, LABELS_FILE)]
+        if bad:
+            raise ValueError(f"unknown suite file(s) {bad} (allowed: {', '.join(SUITE_FILES)})")
+        return v

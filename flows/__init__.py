@@ -1,0 +1,1 @@
+"""Prefect flows that chain, schedule and sweep the DVC stages (they drive DVC, never stage code)."""

@@ -1,0 +1,102 @@
+"""Evaluation harness against hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from slimforge.batching import left_pad, prompt_ids
+from slimforge.evaluate import (decode_tokens_per_s, evaluate_suite, exact_match, greedy_generate,
+                                judge_accuracy, perplexity, token_logprobs)
+from slimforge.tasks.records import load_records
+from tests.helpers import tiny_model
+
+
+class ArithmeticOracle(torch.nn.Module):
+    """A stand-in model whose `generate` reads the prompt and answers; subtraction it gets wrong
+    by one. Exact match must then be 1.0 on add/mul and 0.0 on sub."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tok = tokenizer
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = self.tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=True)
+            value = eval(prompt.rstrip("="))
+            answer = str(value + 1 if "-" in prompt else value)
+            new = self.tok.encode(answer, add_special_tokens=False) + [self.tok.eos_token_id]
+            new += [self.tok.pad_token_id] * (max_new_tokens - len(new))
+            rows.append(ids + new[:max_new_tokens])
+        return torch.tensor(rows)
+
+
+class FixedVerdicts(torch.nn.Module):
+    """Always prefers ' yes' and ' A' at the last position."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.vocab = len(tokenizer)
+        self.favoured = [tokenizer.encode(v, add_special_tokens=False)[0] for v in (" yes", " A")]
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, **_):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.favoured] = 5.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_token_logprobs_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 2.0]])
+    got = token_logprobs(logits, torch.tensor([1, 0]))
+    assert torch.allclose(got, torch.tensor([math.log(3 / 4), math.log(1 / 2)]))
+
+
+def test_exact_match_per_family(tokenizer, suite_dir):
+    records = load_records(suite_dir / "test.jsonl", need_answer=True)
+    acc = exact_match(ArithmeticOracle(tokenizer), tokenizer, records, batch_size=7)
+    assert acc == {"add": 1.0, "mul": 1.0, "sub": 0.0}
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(tokenizer, suite_dir):
+    model = tiny_model("llama", tokenizer, tie=False)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    records = load_records(suite_dir / "test.jsonl")
+    assert perplexity(model, tokenizer, records, batch_size=5) == pytest.approx(len(tokenizer), rel=1e-5)
+
+
+def test_judge_accuracy_by_hand(tokenizer, suite_dir):
+    records = load_records(suite_dir / "judge_test.jsonl")
+    acc = judge_accuracy(FixedVerdicts(tokenizer), tokenizer, records)
+    for fmt, favoured in (("verify", " yes"), ("pairwise", " A")):
+        items = [r for r in records if r["format"] == fmt]
+        assert acc[fmt] == pytest.approx(sum(r["response"] == favoured for r in items) / len(items))
+
+
+def test_batched_generation_matches_one_at_a_time(tokenizer):
+    model = tiny_model("llama", tokenizer, seed=3)
+    prompts = ["1+1=", "23*4=", "99-12=", "Is this correct?\n1+1=2\nAnswer:"]
+    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
+    single = [greedy_generate(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == single
+
+
+def test_left_pad_puts_prompts_at_the_end(tokenizer):
+    ids, mask = left_pad(prompt_ids(tokenizer, ["1+1=", "123+456="]), tokenizer.pad_token_id)
+    assert ids[0, 0] == tokenizer.pad_token_id and mask[0, 0] == 0
+    assert (mask[:, -1] == 1).all() and (ids[:, 0] != tokenizer.pad_token_id).any()
+
+
+def test_decode_speed_and_full_harness(tokenizer, suite_dir, tmp_path):
+    model = tiny_model("llama", tokenizer)
+    tok_s, mode = decode_tokens_per_s(model, new_tokens=8)
+    assert tok_s > 0 and mode == "eager"
+    model.save_pretrained(tmp_path)
+    metrics = evaluate_suite(model, tokenizer, suite_dir, model_dir=tmp_path)
+    assert set(metrics["accuracy"]) == {"add", "sub", "mul", "add3", "chain"}
+    assert 0.0 <= metrics["accuracy_base"] <= 1.0
+    assert metrics["ppl"] > 1 and metrics["bytes"] > 0 and metrics["decode_tok_s"] > 0
+    assert metrics["params"] == sum(p.numel() for p in model.parameters())
+    assert set(metrics["judge"]) == {"verify", "pairwise"}

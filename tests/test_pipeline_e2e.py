@@ -1,0 +1,84 @@
+"""End to end in a temporary clone: `dvc repro` of data + base on a tiny profile, a second
+`dvc repro` that runs nothing, and the Prefect flow under prefect_test_harness."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+TINY_DATA = {"train_per_family": {"add": 150, "sub": 150, "mul": 150}, "val_per_family": 10,
+             "test_per_family": 15, "judge_train": 60, "judge_test": 20,
+             "lora": {"train": 10, "val": 5, "test": 10}, "rl": {"train": 10, "test": 10},
+             "noisy": {"families": ["add3"], "size": 40, "wrong_fraction": 0.3}, "references": 10}
+
+
+def _git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """The working tree's tracked and untracked-but-not-ignored files, committed in a new repo,
+    with the tiny profile written into its params files."""
+    dst = tmp_path_factory.mktemp("clone")
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, check=True, capture_output=True, text=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    data = yaml.safe_load((dst / "params/data.yaml").read_text()) | TINY_DATA
+    (dst / "params/data.yaml").write_text(yaml.safe_dump(data))
+    base = yaml.safe_load((dst / "params/base.yaml").read_text()) | {"preset": "test"}
+    (dst / "params/base.yaml").write_text(yaml.safe_dump(base))
+    _git("init", "-q", cwd=dst)
+    _git("add", "-A", cwd=dst)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny profile", cwd=dst)
+    return dst
+
+
+def _repro(clone):
+    return subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, capture_output=True, text=True)
+
+
+def test_dvc_repro_then_nothing_to_do(clone):
+    first = _repro(clone)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'data'" in first.stdout and "Running stage 'base'" in first.stdout
+    metrics = json.loads((clone / "metrics/base.json").read_text())
+    assert set(metrics["accuracy"]) >= {"add", "sub", "mul"} and metrics["train"]["steps"] == 30
+    assert (clone / "data/base/model.safetensors").exists() and (clone / "dvc.lock").exists()
+    assert (clone / "data/labels/noisy_labels.jsonl").exists()
+    second = _repro(clone)
+    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
+
+
+def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    data = yaml.safe_load((clone / "params/data.yaml").read_text())
+    (clone / "params/data.yaml").write_text(yaml.safe_dump({**data, "seed": 1}))  # make both stale
+    with prefect_test_harness():
+        results = pipeline(root=str(clone))
+        from prefect.artifacts import Artifact
+
+        artifact = Artifact.get("slimforge-stage-metrics")
+    assert set(results) == {"data", "base"}
+    assert results["base"]["train"]["steps"] == 30
+    assert artifact is not None and "accuracy_base" in str(artifact.data)
+    import os
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("slimforge")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    parent = next(r for r in runs if r.data.tags.get("slimforge.stage") == "pipeline")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["slimforge.stage"] for r in children) == ["base", "data"]

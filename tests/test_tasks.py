@@ -1,0 +1,115 @@
+"""Task generator: determinism, exact verifiers, disjoint splits, judge balance, noisy set."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from slimforge import SlimforgeError
+from slimforge.io import write_jsonl
+from slimforge.tasks import (FAMILIES, corrupt, is_correct, load_records, numeric_reward, split_of)
+from slimforge.tasks.families import sample_problems
+from slimforge.tasks.judge import VERDICTS
+from tests.conftest import small_suite
+
+
+def _value(prompt: str) -> int:
+    """Hand-evaluate an arithmetic prompt like '12+34-5=' (digits and + - * only)."""
+    expr = prompt.rstrip("=")
+    assert set(expr) <= set("0123456789+-*"), prompt
+    return eval(expr)  # safe: checked to be digits and operators only
+
+
+def test_same_seed_same_files_other_seed_differs():
+    a, la = small_suite(seed=0)
+    b, lb = small_suite(seed=0)
+    c, _ = small_suite(seed=1)
+    assert a == b and la == lb
+    assert a["train.jsonl"] != c["train.jsonl"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_answers_are_exact(family):
+    rng = random.Random(0)
+    for prompt, value in sample_problems(family, "train", 200, rng, unique=False):
+        assert _value(prompt) == value
+        assert value >= 0 or family == "chain"
+
+
+def test_splits_are_disjoint_and_stable():
+    files, _ = small_suite()
+    train = {r["prompt"] for r in files["train.jsonl"]}
+    test = {r["prompt"] for r in files["test.jsonl"]}
+    val = {r["prompt"] for r in files["val.jsonl"]}
+    assert train and test and val
+    assert not train & test and not train & val and not test & val
+    assert all(split_of(p) == "test" for p in test)
+    assert split_of("12+34=") == split_of("12+34=")
+
+
+def test_verifiers():
+    assert is_correct("46", " 46 ") and not is_correct("46", "47") and not is_correct("46", "4 6")
+    assert numeric_reward("-3", "the answer is -3.") == 1.0
+    assert numeric_reward("34", "35") == 0.0 and numeric_reward("34", "no number") == 0.0
+
+
+def test_corrupt_is_wrong_and_non_negative():
+    rng = random.Random(0)
+    for value in list(range(0, 200)) + [999, 1998]:
+        wrong = corrupt(value, rng)
+        assert wrong != value and wrong >= 0
+
+
+def test_judge_items_have_equal_exposure_and_balanced_verdicts():
+    files, _ = small_suite()
+    items = files["judge_train.jsonl"]
+    formats = Counter(r["format"] for r in items)
+    assert formats["verify"] == formats["pairwise"] == len(items) // 2
+    verdicts = Counter(r["response"] for r in items)
+    for fmt, (pos, neg) in VERDICTS.items():
+        share = verdicts[pos] / (verdicts[pos] + verdicts[neg])
+        assert 0.35 < share < 0.65, (fmt, verdicts)
+
+
+def test_judge_verdicts_are_right():
+    """The verdict in every judge item agrees with recomputing the arithmetic it shows."""
+    files, _ = small_suite()
+    for r in files["judge_test.jsonl"]:
+        lines = r["prompt"].split("\n")
+        if r["format"] == "verify":
+            q, a = lines[1].split("=")
+            assert (r["response"] == " yes") == (_value(q + "=") == int(a))
+        else:
+            first_ok = _value(lines[1][3:].split("=")[0] + "=") == int(lines[1].split("=")[1])
+            assert (r["response"] == " A") == first_ok
+
+
+def test_noisy_set_hides_answers_and_labels_match():
+    files, labels = small_suite()
+    noisy = files["noisy.jsonl"]
+    assert all("answer" not in r and "correct" not in r for r in noisy)
+    assert [r["id"] for r in noisy] == [l["id"] for l in labels]
+    for rec, lab in zip(noisy, labels):
+        assert lab["correct"] == (_value(rec["prompt"]) == int(rec["response"]))
+    wrong = sum(not l["correct"] for l in labels) / len(labels)
+    assert 0.15 < wrong < 0.45
+    refs = files["references.jsonl"]
+    assert {r["correct"] for r in refs} == {True, False}
+    assert not {r["prompt"] for r in refs} & {r["prompt"] for r in noisy}
+
+
+def test_user_jsonl_schema(tmp_path):
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, [{"prompt": "2+2=", "response": "4", "answer": "4"}])
+    assert load_records(good, need_answer=True)[0]["family"] == "user"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": 3, "response": "x"}\n')
+    with pytest.raises(SlimforgeError, match=r"bad.jsonl:2: field 'prompt' must be str"):
+        load_records(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": \n')
+    with pytest.raises(SlimforgeError, match=r"broken.jsonl:2: not valid JSON"):
+        load_records(broken)
+    with pytest.raises(SlimforgeError, match=r"good.jsonl:1: missing field\(s\) answer"):
+        write_jsonl(good, [{"prompt": "2+2=", "response": "4"}])
+        load_records(good, need_answer=True)

@@ -45,8 +45,10 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
                     weight_decay: float, grad_clip: float, seed: int, checkpoint_dir: str | Path,
                     checkpoint_every: int, fingerprint: str, amp_dtype: torch.dtype | None = None,
                     on_log: Callable[[int, dict], None] | None = None, log_every: int = 50,
-                    compile: bool = False, adam_beta2: float = 0.98, progress: bool = True) -> dict:
+                    compile: bool = False, adam_beta2: float = 0.98, groups: list | None = None,
+                    progress: bool = True) -> dict:
     """Train `model` in place for `steps` optimizer steps on `examples` (from encode_records).
+    `groups` (one key per example) keeps batches from mixing kinds of examples; see epoch_batches.
 
     Returns {"losses": per-step loss over the whole run, "tokens": non-padding tokens seen over
     the whole run, "run_tokens" and "seconds": tokens and wall time of the steps this process ran,
@@ -55,7 +57,7 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
     """
     device = next(model.parameters()).device
     lengths = [len(ids) for ids, _ in examples]
-    per_epoch = len(epoch_batches(lengths, batch_size, seed, 0))
+    per_epoch = len(epoch_batches(lengths, batch_size, seed, 0, groups))
     if per_epoch == 0:
         raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size}")
     optimizer = make_optimizer(model, lr, weight_decay, adam_beta2)
@@ -81,7 +83,7 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
             half_mark = (time.perf_counter(), run_tokens)
         if step // per_epoch != epoch:
             epoch = step // per_epoch
-            batches = epoch_batches(lengths, batch_size, seed, epoch)
+            batches = epoch_batches(lengths, batch_size, seed, epoch, groups)
         batch = collate([examples[i] for i in batches[step % per_epoch]], pad_id,
                         pad_multiple=8 if device.type == "cuda" else 1)
         for group in optimizer.param_groups:

@@ -26,6 +26,10 @@ def test_epoch_batches_deterministic_grouped_and_complete():
     assert all(len({(lengths[i] - 1) // 16 for i in b}) == 1 for b in a)  # one length class per batch
     assert len({i for b in a for i in b}) == 8 * len(a)  # no example twice in an epoch
     assert len(a) == 50 // 8 + 30 // 8 + 21 // 8  # only each class's partial batch is dropped
+    kinds = ["task"] * 60 + ["judge"] * 41
+    b = epoch_batches(lengths, 8, seed=0, epoch=0, groups=kinds)
+    assert all(len({kinds[i] for i in batch}) == 1 for batch in b)  # groups override length bands
+    assert any(len({lengths[i] for i in batch}) > 1 for batch in b)
 
 
 def test_collate_masks_prompt_and_padding(tokenizer):

@@ -59,7 +59,7 @@ def pretrain(preset: Preset, seed: int, data_dir: Path, checkpoint_dir: Path,
         grad_clip=preset.grad_clip, seed=seed, checkpoint_dir=checkpoint_dir,
         checkpoint_every=preset.checkpoint_every, fingerprint=fingerprint(preset, seed, data_dir),
         amp_dtype=amp, on_log=on_log, log_every=preset.log_every, compile=preset.compile,
-        adam_beta2=preset.adam_beta2)
+        adam_beta2=preset.adam_beta2, groups=[r.get("format", "task") for r in records])
     losses = result["losses"]
     tail = losses[-preset.log_every:]
     tokens_per_s = result["run_tokens"] / max(result["seconds"], 1e-9)

@@ -18,8 +18,13 @@ import sys
 from pathlib import Path
 
 import yaml
-from prefect import flow, task
-from prefect.artifacts import create_table_artifact
+
+# Offline by design: Prefect's usage telemetry has nowhere to go, and on the temporary server it
+# races the server's own sqlite writes ("database is locked" tracebacks in every run).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, task  # noqa: E402  (after the setting above)
+from prefect.artifacts import create_table_artifact  # noqa: E402
 
 from slimforge.tracking import PARENT_ENV, flatten, pipeline_run
 

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,14 +23,28 @@ def _git(*args, cwd):
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def _source_files() -> list[str]:
+    """What git would commit: tracked plus untracked-but-not-ignored files. A checkout without
+    git metadata falls back to every file outside the generated folders."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, text=True)
+    if listed.returncode == 0:
+        return [f for f in listed.stdout.split("\0") if f]
+    def wanted(rel: Path) -> bool:
+        top = rel.parts[0]
+        if len(rel.parts) > 1 and top.startswith(".") and top not in (".dvc", ".ci"):
+            return False  # .git, caches, local scratch folders
+        return (top not in ("data", "mlruns", "mlartifacts") and "__pycache__" not in rel.parts
+                and rel.parts[:2] not in ((".dvc", "tmp"), (".dvc", "cache")) and rel.name != "mlflow.db")
+
+    return [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() and wanted(p.relative_to(REPO))]
+
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """The working tree's tracked and untracked-but-not-ignored files, committed in a new repo,
     with the tiny profile written into its params files."""
     dst = tmp_path_factory.mktemp("clone")
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO, check=True, capture_output=True, text=True).stdout
-    for rel in filter(None, listed.split("\0")):
+    for rel in _source_files():
         if (REPO / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dst / rel)

@@ -27,18 +27,16 @@ def _eval(args: argparse.Namespace) -> None:
     from slimforge.io import write_json
     from slimforge.modeling import load_model
 
-    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code, device)
     metrics = evaluate_suite(model, tokenizer, args.data, model_dir=args.model)
     if args.out:
         write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_data(args: argparse.Namespace) -> None:

@@ -48,6 +48,7 @@ def _mlflow():
     for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    mlflow.set_experiment(os.environ.get("SLIMFORGE_EXPERIMENT", EXPERIMENT))
     return mlflow
 
 
@@ -73,13 +74,16 @@ class StageRun:
         self._mlflow.set_tags(tags)
 
 
+def _tags(name: str) -> dict[str, str]:
+    commit = git_commit()
+    return {"slimforge.stage": name, "git_commit": commit, "mlflow.source.git.commit": commit}
+
+
 @contextmanager
 def stage_run(stage: str, params: dict) -> Iterator[StageRun]:
     """Open the MLflow run of one stage (nested under the pipeline's run when launched by the flow)."""
     mlflow = _mlflow()
-    mlflow.set_experiment(os.environ.get("SLIMFORGE_EXPERIMENT", EXPERIMENT))
-    commit = git_commit()
-    tags = {"slimforge.stage": stage, "git_commit": commit, "mlflow.source.git.commit": commit}
+    tags = _tags(stage)
     parent = os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -95,8 +99,5 @@ def stage_run(stage: str, params: dict) -> Iterator[StageRun]:
 def pipeline_run(name: str = "pipeline") -> Iterator[StageRun]:
     """The parent run of a flow; stages started while it is open nest under it."""
     mlflow = _mlflow()
-    mlflow.set_experiment(os.environ.get("SLIMFORGE_EXPERIMENT", EXPERIMENT))
-    commit = git_commit()
-    with mlflow.start_run(run_name=name, tags={"slimforge.stage": name, "git_commit": commit,
-                                               "mlflow.source.git.commit": commit}) as run:
+    with mlflow.start_run(run_name=name, tags=_tags(name)) as run:
         yield StageRun(mlflow, run)

@@ -2,5 +2,5 @@
 shapes and dtypes, and (where training needs it) an autograd.Function. Triton runs on CUDA; the
 reference runs on CPU (tests also run the kernels on CPU under TRITON_INTERPRET=1).
 
-No kernels yet: the first (fused log-softmax statistics) arrives with the prune stage.
+- logsoftmax_stats: per-token log-prob, KL and entropy over large vocabularies, chunked.
 """

@@ -7,14 +7,8 @@ import math
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kernels.logsoftmax_stats import token_logprobs
 from slimforge.batching import collate, encode_records, left_pad, prompt_ids
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position, in fp32. logits: (..., V), targets: (...) (any value where
-    ignored; callers mask)."""
-    logits = logits.float()
-    return logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 @torch.no_grad()
@@ -31,7 +25,7 @@ def response_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rec
                        attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
         labels = batch["labels"][:, 1:].to(device)
         keep = labels != -100
-        total -= token_logprobs(logits, labels)[keep].sum().item()
+        total -= token_logprobs(logits, labels)[keep].sum().item()  # fused kernel on GPU
         count += int(keep.sum())
     return total, count
 

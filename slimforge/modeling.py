@@ -41,6 +41,8 @@ def load_model(source: str | Path, dtype: str = "float32", trust_remote_code: bo
                device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local HF folder or a hub id already in the local
     cache (downloads are never attempted). Raises SlimforgeError with the reason on failure."""
+    import slimforge.pruning  # noqa: F401  registers the pruned-model classes (no remote code needed)
+
     source = str(source)
     if dtype not in DTYPES:
         raise SlimforgeError(f"dtype {dtype!r} is not supported (allowed: {', '.join(DTYPES)})")

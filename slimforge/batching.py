@@ -92,3 +92,16 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
         ids[i, width - len(s):] = torch.tensor(s)
         mask[i, width - len(s):] = 1
     return ids, mask
+
+
+def calibration_batches(records: list[dict], tokenizer, n: int, max_len: int, batch_size: int,
+                        seed: int) -> list[dict[str, torch.Tensor]]:
+    """`n` random records as right-padded token batches (whole sequences: prompt and response)."""
+    rng = random.Random(f"{seed}:calibration")
+    chosen = rng.sample(records, min(n, len(records)))
+    examples = encode_records(chosen, tokenizer, max_len=max_len)
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        b = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+        batches.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+    return batches

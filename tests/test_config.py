@@ -8,9 +8,10 @@ from slimforge import SlimforgeError
 from slimforge.config import load_params, parse_params
 from stages.base.params import BaseParams, ModelParams
 from stages.data.params import DataParams
+from stages.prune.params import PruneParams
 from tests.conftest import REPO
 
-SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams}
+SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

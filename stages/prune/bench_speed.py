@@ -1,0 +1,95 @@
+"""Speed of a 50%-pruned model against the dense one, on one GPU, in the same run.
+
+    python -m stages.prune.bench_speed [--layers 32] [--json out.json]
+
+A Llama-3-8B-shaped model (hidden 4096, 32 layers, 32 query / 8 key-value heads, MLP 14336,
+vocabulary 128256), bf16, random weights (speed does not depend on them), and the same model
+with half of its attention+MLP weights cut out uniformly (4 of 8 key/value groups, MLP 7168 wide)
+by the prune stage's surgery. Prefill: one forward over the prompt, logits for the last position
+only. Decode: greedy steps from a static KV cache, each replayed as one CUDA graph (eager decoding
+of an 8B model is launch-bound and would hide the gain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slimforge.evaluate.speed import graph_decode
+from slimforge.pruning import PrunePlan, prune_model
+
+
+def llama3_8b_shape(layers: int) -> LlamaConfig:
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def half_plan(config) -> PrunePlan:
+    plan = PrunePlan.identity(config)
+    for lp in plan.layers:
+        lp.kv_heads = [0, 2, 4, 6]
+        lp.q_heads = [h for kv in lp.kv_heads for h in range(kv * 4, kv * 4 + 4)]
+        lp.channels = list(range(0, config.intermediate_size, 2))
+    return plan
+
+
+@torch.no_grad()
+def prefill_ms(model, batch: int, seq: int, reps: int = 10) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    for _ in range(2):
+        model(input_ids=ids, logits_to_keep=1, use_cache=False)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(input_ids=ids, logits_to_keep=1, use_cache=False)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def decode_tok_s(model, batch: int, prompt: int, new: int) -> float:
+    graph_decode(model, batch, prompt, 8)  # warm-up: kernels, allocator
+    _, seconds = graph_decode(model, batch, prompt, new)
+    return batch * (new - 3) / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    config = llama3_8b_shape(args.layers)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        dense = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    pruned = prune_model(dense, half_plan(config))
+    n = lambda m: sum(p.numel() for p in m.parameters()) / 1e9  # noqa: E731
+    results = {"gpu": torch.cuda.get_device_name(), "params_b": {"dense": n(dense), "pruned": n(pruned)}, "rows": []}
+    print(f"{results['gpu']}: dense {n(dense):.2f}B params, pruned {n(pruned):.2f}B, bf16")
+    cases = [("prefill", 1, 2048), ("prefill", 8, 512), ("decode", 1, 512), ("decode", 16, 512)]
+    print(f"{'phase':8s} {'batch':>5s} {'tokens':>6s} {'dense':>12s} {'pruned':>12s} {'speedup':>8s}")
+    for phase, batch, seq in cases:
+        if phase == "prefill":
+            d, p = prefill_ms(dense, batch, seq), prefill_ms(pruned, batch, seq)
+            speedup, unit = d / p, "ms"
+        else:
+            d, p = decode_tok_s(dense, batch, seq, 128), decode_tok_s(pruned, batch, seq, 128)
+            speedup, unit = p / d, "tok/s"
+        results["rows"].append({"phase": phase, "batch": batch, "tokens": seq, "dense": d, "pruned": p,
+                                "unit": unit, "speedup": speedup})
+        print(f"{phase:8s} {batch:5d} {seq:6d} {d:9.2f} {unit:>2s} {p:9.2f} {unit:>2s} {speedup:7.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,4 +3,6 @@ shapes and dtypes, and (where training needs it) an autograd.Function. Triton ru
 reference runs on CPU (tests also run the kernels on CPU under TRITON_INTERPRET=1).
 
 - logsoftmax_stats: per-token log-prob, KL and entropy over large vocabularies, chunked.
+- lowbit (+ lowbit_format): packed 2/3/4-bit group-quantized matmul with a fused low-rank
+  correction and an input gradient; QuantLinear replaces nn.Linear.
 """

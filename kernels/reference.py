@@ -33,3 +33,21 @@ def entropy_ref(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
     return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # masked inside: see kl_divergence_ref
+
+
+def lowbit_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      bits: int, group: int, down: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W_hat^T (+ (x @ down^T) @ up^T) (+ bias) with W_hat = dequantize(unpack(packed)), all
+    in fp32, cast back to x's dtype. x (..., K); packed (N, K*bits/32) int32; scale, zero (N, K/group);
+    down (r, K), up (N, r). Differentiable in x, down, up and bias."""
+    from kernels.lowbit_format import dequantize_groups, unpack
+
+    w = dequantize_groups(unpack(packed, bits, x.shape[-1]), scale, zero, group)
+    xf = x.float()
+    y = xf @ w.t()
+    if down is not None:
+        y = y + (xf @ down.float().t()) @ up.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

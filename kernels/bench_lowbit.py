@@ -1,0 +1,278 @@
+"""Benchmark the low-bit matmul against cuBLAS fp16 (F.linear) on one GPU, in the same run.
+
+    python -m kernels.bench_lowbit --out bench.json [--configs-out lowbit_configs.json]
+        [--shapes 4096x4096 14336x4096 4096x14336] [--m 1 16 64 256] [--formats 4:128 3:128 2:128 2:64]
+
+Every timed call starts with a cold L2: a 256 MB buffer (the H100's L2 is 50 MB, an fp16 4096x4096
+weight 32 MB) is zeroed before it, then the GPU spins for ~100 us (torch.cuda._sleep) so the
+Python launch overhead of the next call is hidden; CUDA events bracket the call alone; median of
+--reps. No CUDA graphs. Ratios are cuBLAS time / low-bit time (> 1: the low-bit kernel is faster).
+
+Sections: (1) forward y = x @ W^T per shape, format (bits:group) and M; (2) the fused rank-r
+correction at M in --lr-m: plain low-bit kernel vs fused vs unfused (plain kernel + two matmuls and
+an add); (3) GEMV vs GEMM for M = 2, 4 (picks GEMV_MAX_M); (4) the input gradient dx = dy @ W at
+M = --dx-m vs cuBLAS. Configs are tuned on first use (kernels/lowbit.py); candidate kernels are
+compiled first in parallel worker processes (into Triton's disk cache) so tuning only times them.
+--configs-out writes the tuned table for this GPU (to ship as kernels/lowbit_configs.json).
+
+Last run (H100 80GB HBM3, torch 2.11, triton 3.6; ratios vs cuBLAS fp16): M=1 GEMV 1.8-2.1x for W4
+and W2 (2.2-2.75x for the large shapes on another H100 of the same pool the run before), 1.6-1.8x
+W3; M >= 16 GEMM 0.2-0.9x (slower than cuBLAS); fused rank-64 correction +5-38% over the plain
+kernel (unfused +18-130%); dx at M=2048 0.2-0.35x. Timings vary ~20% between machines of the pool
+(the GEMV is issue-bound, so it follows the SM clock; cuBLAS follows DRAM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels import lowbit
+from kernels.lowbit_format import dequantize_groups, pack, quantize_groups, storage_bits_per_weight, unpack
+
+_FLUSH: torch.Tensor | None = None
+
+
+def gpu_time_us(fn, reps: int) -> float:
+    """Median microseconds of fn() with a cold L2 and the launch overhead hidden (see docstring)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        _FLUSH.zero_()
+        torch.cuda._sleep(200_000)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1000 for s, e in events)
+    return times[len(times) // 2]
+
+
+def _short(cfg: dict) -> str:
+    return "/".join(str(v) for k, v in cfg.items() if k != "num_stages")
+
+
+def make_weight(n: int, k: int, bits: int, group: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    q, scale, zero = quantize_groups(w, bits, group)
+    return w.half(), pack(q, bits), scale, zero
+
+
+# --------------------------------------------------------------------------------------------
+# parallel precompilation of tuning candidates
+
+_WORKER_CACHE: dict = {}
+
+
+def _compile_job(job) -> str:
+    n, k, bits, group, m, kind, cfg = job
+    try:
+        key = (n, k, bits, group, m)
+        if key not in _WORKER_CACHE:
+            _WORKER_CACHE.clear()
+            words = k * bits // 32
+            _WORKER_CACHE[key] = (torch.zeros(n, words, dtype=torch.int32, device="cuda"),
+                                  torch.ones(n, k // group, dtype=torch.float16, device="cuda"),
+                                  torch.zeros(n, k // group, dtype=torch.float16, device="cuda"),
+                                  torch.zeros(m, k if kind != "dx" else n, dtype=torch.float16, device="cuda"))
+        packed, scale, zero, a = _WORKER_CACHE[key]
+        if kind == "dx":
+            lowbit._input_grad(a, packed, scale, zero, bits, group, k, None, None, cfg=cfg)
+        else:
+            lowbit._forward(a, packed, scale, zero, bits, group, None, None, None, cfg=cfg, kind=kind)
+        torch.cuda.synchronize()
+        return ""
+    except Exception as exc:  # noqa: BLE001 -- reported, the tuner skips it too
+        return f"{job}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def precompile(points, workers: int) -> None:
+    """points: (n, k, bits, group, m, kind); compiles every tuning candidate not yet tuned."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gpu = torch.cuda.get_device_name()
+    jobs = {}  # one per compiled binary: sizes here are all multiples of 16, so only M == 1 specialises
+    for n, k, bits, group, m, kind in points:
+        if lowbit.config_key(kind, m, n, k, bits, group) in lowbit._tables().get(gpu, {}):
+            continue
+        for cfg in lowbit._CANDIDATES[kind](m, n, k, bits, sms):
+            jobs.setdefault((kind, bits, group, m == 1, tuple(sorted(cfg.items()))), (n, k, bits, group, m, kind, cfg))
+    jobs = list(jobs.values())
+    if not jobs:
+        return
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        errors = [e for e in pool.map(_compile_job, jobs, chunksize=1) if e]
+    print(f"precompiled {len(jobs)} candidate kernels in {time.time() - t0:.0f}s with {workers} workers"
+          + (f"; {len(errors)} failed, e.g. {errors[0]}" if errors else ""), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def forward_rows(args, formats) -> list[dict]:
+    rows = []
+    print(f"\n{'N x K':>12s} {'fmt':>6s} {'M':>4s} {'kernel':>6s} {'cuBLAS us':>10s} {'lowbit us':>10s} {'ratio':>6s} "
+          f"{'GB/s':>6s} {'bw ratio':>8s} {'rel err':>8s}", flush=True)
+    for n, k in args.shapes:
+        for bits, group in formats:
+            w16, packed, scale, zero = make_weight(n, k, bits, group)
+            w_hat = dequantize_groups(unpack(packed, bits, k), scale, zero, group)
+            for m in args.m:
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                n_log = len(lowbit.TUNE_LOG)
+                y = lowbit.lowbit_linear(x, packed, scale, zero, bits, group)  # tunes on first use
+                tuning = [[(round(t * 1000, 1), c) for t, c in log] for log in lowbit.TUNE_LOG[n_log:]]
+                ref = x.float() @ w_hat.t()
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)
+                t_low = gpu_time_us(lambda: lowbit.lowbit_linear(x, packed, scale, zero, bits, group), args.reps)
+                moved = n * k * storage_bits_per_weight(bits, group) / 8 + 2 * m * (n + k)
+                row = dict(section="forward", n=n, k=k, bits=bits, group=group, m=m, kernel=lowbit.kernel_kind(m),
+                           cublas_us=t_cublas, lowbit_us=t_low, ratio=t_cublas / t_low, lowbit_gbps=moved / t_low / 1e3,
+                           bandwidth_ratio=16 / storage_bits_per_weight(bits, group), rel_err=err, tuning=tuning)
+                rows.append(row)
+                print(f"{n:>5d}x{k:<6d} {bits}:{group:<4d} {m:4d} {row['kernel']:>6s} {t_cublas:10.1f} {t_low:10.1f} "
+                      f"{row['ratio']:5.2f}x {row['lowbit_gbps']:6.0f} {row['bandwidth_ratio']:7.2f}x {err:8.1e}"
+                      + "".join(f"  [tuned: {', '.join(f'{t}us {_short(c)}' for t, c in log[:3])}]" for log in tuning),
+                      flush=True)
+            del w16, packed, scale, zero, w_hat
+            torch.cuda.empty_cache()
+    return rows
+
+
+def lowrank_rows(args, formats) -> list[dict]:
+    rows = []
+    r = args.rank
+    print(f"\nrank-{r} correction: time over the plain low-bit kernel")
+    print(f"{'N x K':>12s} {'fmt':>6s} {'M':>4s} {'plain us':>9s} {'fused us':>9s} {'unfused us':>10s} "
+          f"{'fused +%':>8s} {'unfused +%':>10s} {'rel err':>8s}", flush=True)
+    for n, k in args.shapes:
+        for bits, group in formats:
+            _, packed, scale, zero = make_weight(n, k, bits, group)
+            w_hat = dequantize_groups(unpack(packed, bits, k), scale, zero, group)
+            down = torch.randn(r, k, device="cuda", dtype=torch.float16) * 0.02
+            up = torch.randn(n, r, device="cuda", dtype=torch.float16) * 0.02
+            for m in args.lr_m:
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                y = lowbit.lowbit_linear(x, packed, scale, zero, bits, group, down=down, up=up)
+                ref = x.float() @ w_hat.t() + (x.float() @ down.float().t()) @ up.float().t()
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                plain = gpu_time_us(lambda: lowbit.lowbit_linear(x, packed, scale, zero, bits, group), args.reps)
+                fused = gpu_time_us(lambda: lowbit.lowbit_linear(x, packed, scale, zero, bits, group, down=down, up=up),
+                                    args.reps)
+                unfused = gpu_time_us(lambda: lowbit.lowbit_linear(x, packed, scale, zero, bits, group)
+                                      + (x @ down.t()) @ up.t(), args.reps)
+                row = dict(section="lowrank", n=n, k=k, bits=bits, group=group, m=m, rank=r, plain_us=plain,
+                           fused_us=fused, unfused_us=unfused, fused_overhead=fused / plain - 1,
+                           unfused_overhead=unfused / plain - 1, rel_err=err)
+                rows.append(row)
+                print(f"{n:>5d}x{k:<6d} {bits}:{group:<4d} {m:4d} {plain:9.1f} {fused:9.1f} {unfused:10.1f} "
+                      f"{100 * row['fused_overhead']:7.1f}% {100 * row['unfused_overhead']:9.1f}% {err:8.1e}", flush=True)
+    return rows
+
+
+def threshold_rows(args) -> list[dict]:
+    rows = []
+    n, k = args.shapes[0]
+    print(f"\nGEMV vs GEMM at small M ({n}x{k}); GEMV_MAX_M is {lowbit.GEMV_MAX_M}")
+    for bits, group in ((4, 128), (2, 128)):
+        _, packed, scale, zero = make_weight(n, k, bits, group)
+        for m in (2, 4):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            times = {}
+            for kind in ("gemv", "gemm"):
+                lowbit._forward(x, packed, scale, zero, bits, group, None, None, None, kind=kind)
+                times[kind] = gpu_time_us(lambda: lowbit._forward(x, packed, scale, zero, bits, group, None, None, None,
+                                                                  kind=kind), args.reps)
+            rows.append(dict(section="threshold", n=n, k=k, bits=bits, group=group, m=m, **{f"{kk}_us": v for kk, v in times.items()}))
+            print(f"  {bits}:{group} M={m}: GEMV {times['gemv']:.1f} us, GEMM {times['gemm']:.1f} us", flush=True)
+    return rows
+
+
+def dx_formats(formats):
+    return [f for f in formats if f[1] == 128 and f[0] in (4, 2)] or formats[:1]
+
+
+def dx_rows(args, formats) -> list[dict]:
+    rows = []
+    m = args.dx_m
+    print(f"\ninput gradient dx = dy @ W at M={m}")
+    for n, k in args.shapes:
+        for bits, group in dx_formats(formats):
+            w16, packed, scale, zero = make_weight(n, k, bits, group)
+            w_hat = dequantize_groups(unpack(packed, bits, k), scale, zero, group)
+            dy = torch.randn(m, n, device="cuda", dtype=torch.float16)
+            dx = lowbit._input_grad(dy, packed, scale, zero, bits, group, k, None, None)
+            ref = dy.float() @ w_hat
+            err = ((dx.float() - ref).abs().max() / ref.abs().max()).item()
+            t_cublas = gpu_time_us(lambda: dy @ w16, args.reps)
+            t_low = gpu_time_us(lambda: lowbit._input_grad(dy, packed, scale, zero, bits, group, k, None, None), args.reps)
+            rows.append(dict(section="dx", n=n, k=k, bits=bits, group=group, m=m, cublas_us=t_cublas, lowbit_us=t_low,
+                             ratio=t_cublas / t_low, rel_err=err))
+            print(f"  {n}x{k} {bits}:{group}: cuBLAS {t_cublas:.1f} us, low-bit {t_low:.1f} us, {t_cublas / t_low:.2f}x, "
+                  f"rel err {err:.1e}", flush=True)
+            del w16, packed, scale, zero, w_hat
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_lowbit.json")
+    ap.add_argument("--configs-out", default=None)
+    ap.add_argument("--shapes", nargs="+", default=["4096x4096", "14336x4096", "4096x14336"])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--formats", nargs="+", default=["4:128", "3:128", "2:128", "2:64"])
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--lr-m", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--dx-m", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--skip", nargs="*", default=[], choices=["lowrank", "threshold", "dx"])
+    ap.add_argument("--precompile-only", action="store_true", help="compile the tuning candidates and exit")
+    args = ap.parse_args()
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    formats = [tuple(int(v) for v in f.split(":")) for f in args.formats]
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}, triton {lowbit.triton.__version__}", flush=True)
+
+    points = [(n, k, b, g, m, lowbit.kernel_kind(m)) for n, k in args.shapes for b, g in formats for m in args.m]
+    if "threshold" not in args.skip:
+        points += [(*args.shapes[0], b, 128, m, kind) for b in (4, 2) for m in (2, 4) for kind in ("gemv", "gemm")]
+    if "dx" not in args.skip:
+        points += [(n, k, b, g, args.dx_m, "dx") for n, k in args.shapes for b, g in dx_formats(formats)]
+    precompile(points, args.workers)
+    if args.precompile_only:
+        return
+
+    rows = forward_rows(args, formats)
+    if "lowrank" not in args.skip:
+        rows += lowrank_rows(args, formats[:1] + formats[-2:-1])
+    if "threshold" not in args.skip:
+        rows += threshold_rows(args)
+    if "dx" not in args.skip:
+        rows += dx_rows(args, formats)
+
+    configs = lowbit._tables().get(gpu, {})
+    with open(args.out, "w") as f:
+        json.dump(dict(gpu=gpu, torch=torch.__version__, triton=lowbit.triton.__version__, rows=rows,
+                       configs=configs), f, indent=1)
+    if args.configs_out:
+        with open(args.configs_out, "w") as f:
+            json.dump({gpu: configs}, f, indent=1, sort_keys=True)
+    print(f"\nwrote {args.out}" + (f" and {args.configs_out}" if args.configs_out else ""))
+
+
+if __name__ == "__main__":
+    main()

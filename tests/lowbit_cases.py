@@ -1,0 +1,118 @@
+"""Triton-vs-reference cases for the low-bit matmul (kernels/lowbit.py), run by tests/test_lowbit.py
+under TRITON_INTERPRET=1 in a subprocess (the interpreter must be chosen before Triton compiles) and
+directly on a GPU. `python -m tests.lowbit_cases cpu|cuda` prints one line per failure.
+
+Each case: forward vs kernels.reference.lowbit_matmul_ref (fp32 math, cast back) and the gradients
+of x, down, up and bias vs autograd through that reference, on shapes whose N is not a multiple of
+any block. Errors are measured as max|kernel - ref| / max|ref| (per tensor). Tolerances:
+  fp16 2.5e-3, bf16 2e-2 -- the output rounding (2^-11 / 2^-8 relative) plus, on the tensor-core
+  paths (GEMM, dx), W_hat rounded to x's dtype before the product (the GEMV keeps it exact).
+  Worst seen under the interpreter: fp16 7.6e-4 (dx), bf16 8.6e-3 (dx); GEMV fp16 forward 5e-6.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from kernels import lowbit
+from kernels.lowbit import kernel_kind, lowbit_linear, use_triton
+from kernels.lowbit_format import pack, quantize_groups
+from kernels.reference import lowbit_matmul_ref
+
+TOL = {torch.float16: 2.5e-3, torch.bfloat16: 2e-2}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+
+
+def check(device, bits, group, M, N, K, dtype, rank, bias, seed=0, override=None) -> list[str]:
+    """One case; returns failure lines."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    q, scale, zero = quantize_groups(w, bits, group)
+    packed, scale, zero = pack(q, bits).to(device), scale.to(device), zero.to(device)
+    x = torch.randn(M, K, generator=gen).to(device, dtype)
+    extra = {}
+    if rank:
+        extra["down"] = (torch.randn(rank, K, generator=gen) * 0.1).to(device, dtype)
+        extra["up"] = (torch.randn(N, rank, generator=gen) * 0.1).to(device, dtype)
+    if bias:
+        extra["bias"] = torch.randn(N, generator=gen).to(device, dtype)
+    dy = torch.randn(M, N, generator=gen).to(device, dtype)
+
+    def run(fn):
+        ins = {"x": x.clone().requires_grad_(), **{k: v.clone().requires_grad_() for k, v in extra.items()}}
+        y = fn(ins["x"], packed, scale, zero, bits, group, **{k: v for k, v in ins.items() if k != "x"})
+        grads = torch.autograd.grad(y, list(ins.values()), dy)
+        return y, dict(zip(ins, grads))
+
+    lowbit._OVERRIDE.clear()
+    lowbit._OVERRIDE.update(override or {})
+    try:
+        assert use_triton(x)
+        y, g = run(lowbit_linear)
+    finally:
+        lowbit._OVERRIDE.clear()
+    y_ref, g_ref = run(lambda *a, **k: lowbit_matmul_ref(*a, **k))
+    stale = [str(buf.nonzero().flatten()[:4].tolist()) for buf in lowbit._COUNTERS.values() if buf.any()]
+    name = (f"{device} bits={bits} g={group} M={M} N={N} K={K} {str(dtype)[6:]} rank={rank} bias={bias} "
+            f"{kernel_kind(M)}{' ' + str(override) if override else ''}")
+    failures = [f"{name}: counters left non-zero at {stale}"] if stale else []
+    tol = TOL[dtype]
+    if y.dtype != dtype or y.shape != y_ref.shape:
+        failures.append(f"{name}: output {y.dtype} {tuple(y.shape)}")
+    elif not _rel(y, y_ref) <= tol:
+        failures.append(f"{name}: forward rel err {_rel(y, y_ref):.2e}")
+    for key, ref in g_ref.items():
+        if g[key].dtype != ref.dtype or not _rel(g[key], ref) <= tol:
+            failures.append(f"{name}: grad {key} rel err {_rel(g[key], ref):.2e} ({g[key].dtype})")
+    return failures
+
+
+def plan(device: str) -> list[dict]:
+    """The cases as keyword arguments of check()."""
+    out = []
+    if device == "cpu":  # the interpreter: small shapes, every path once per bit width
+        for bits, group in ((4, 64), (3, 32), (2, 128)):
+            for M, K, dtype, rank, bias in [(1, 128, torch.float16, 8, True), (3, 256, torch.bfloat16, 0, False),
+                                            (17, 256, torch.float16, 0, True), (70, 128, torch.bfloat16, 8, False)]:
+                out.append(dict(bits=bits, group=group, M=M, N=37, K=K, dtype=dtype, rank=rank, bias=bias, seed=bits * 100 + M))
+        # split-K in the GEMM path, a second GEMV tiling
+        out.append(dict(bits=4, group=32, M=17, N=37, K=256, dtype=torch.float16, rank=8, bias=True, override={
+            "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1)}))
+        out.append(dict(bits=2, group=64, M=1, N=37, K=256, dtype=torch.bfloat16, rank=0, bias=True, override={
+            "gemv": dict(BLOCK_N=16, BLOCK_KW=16, SPLIT_K=1, num_warps=4, num_stages=1)}))
+        return out
+    for bits, group in ((4, 128), (3, 64), (2, 32)):
+        for M in (1, 3, 17, 70):
+            for dtype in (torch.float16, torch.bfloat16):
+                rank, bias = (64, M % 2 == 1) if dtype == torch.float16 else (0, M % 2 == 0)
+                out.append(dict(bits=bits, group=group, M=M, N=1037, K=2048, dtype=dtype, rank=rank, bias=bias,
+                                seed=bits * 100 + M))
+    for override, M in [({"gemv": dict(BLOCK_N=16, BLOCK_KW=256, SPLIT_K=4, num_warps=4, num_stages=1)}, 1),
+                        ({"gemv": dict(BLOCK_N=4, BLOCK_KW=128, SPLIT_K=2, num_warps=4, num_stages=1)}, 3),
+                        ({"gemm": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=8, num_stages=3)}, 70),
+                        ({"gemm": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)}, 17)]:
+        out.append(dict(bits=4, group=128, M=M, N=1037, K=4096, dtype=torch.float16, rank=64, bias=True, override=override))
+        out.append(dict(bits=2, group=64, M=M, N=1037, K=4096, dtype=torch.bfloat16, rank=16, bias=False, override=override))
+    return out
+
+
+def cases(device: str, shard: int = 0, shards: int = 1) -> list[str]:
+    if device != "cpu":
+        os.environ.setdefault("SLIMFORGE_LOWBIT_TUNE", "0")  # heuristic configs: no tuning in tests
+    failures = []
+    for kwargs in plan(device)[shard::shards]:
+        failures += check(device, **kwargs)
+    return failures
+
+
+if __name__ == "__main__":  # python -m tests.lowbit_cases cpu|cuda [i/n: shard i of n]
+    shard, shards = map(int, sys.argv[2].split("/")) if len(sys.argv) > 2 else (0, 1)
+    found = cases(sys.argv[1], shard, shards)
+    print("\n".join(found) if found else "all low-bit cases match the reference")
+    sys.exit(1 if found else 0)

@@ -1,0 +1,171 @@
+"""Low-bit matmul: packing round trips and layout, the Triton kernels against the PyTorch reference
+(on CPU under the Triton interpreter, on a GPU when there is one), QuantLinear, and input checks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.lowbit import QuantLinear, lowbit_linear
+from kernels.lowbit_format import (fake_quantize, pack, packed_words, quantize_groups, storage_bits_per_weight,
+                                   unpack)
+from kernels.reference import lowbit_matmul_ref
+from tests.conftest import REPO
+
+
+def test_triton_matches_reference_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "tests.lowbit_cases", "cpu"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_matches_reference_on_gpu(monkeypatch):
+    from tests.lowbit_cases import cases
+
+    monkeypatch.setenv("SLIMFORGE_LOWBIT_TUNE", "0")
+    assert cases("cuda") == []
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 7, 33])
+@pytest.mark.parametrize("k", [32, 96, 256])
+def test_pack_unpack_round_trip(bits, n, k):
+    gen = torch.Generator().manual_seed(bits * n + k)
+    q = torch.randint(0, 2 ** bits, (n, k), generator=gen, dtype=torch.uint8)
+    q[0, :5] = 2 ** bits - 1  # top bit set in some words: the int32 words go negative
+    packed = pack(q, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (n, packed_words(bits, k)) == (n, k * bits // 32)
+    assert torch.equal(unpack(packed, bits, k), q)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_packed_layout_is_the_documented_one(bits):
+    units = bits  # words per unit of 32 weights
+    for k in (0, 1, 5, 31, 37, 63):
+        q = torch.zeros(1, 64, dtype=torch.uint8)
+        q[0, k] = 1
+        u, r = divmod(k, 32)
+        i, j = divmod(r, units)
+        words = pack(q, bits)[0]
+        assert words.nonzero().flatten().tolist() == [units * u + j] and int(words[units * u + j]) == 1 << (i * bits)
+
+
+def test_packed_layout_3bit_planes():
+    for k in (0, 1, 6, 33, 63):
+        q = torch.zeros(1, 64, dtype=torch.uint8)
+        q[0, k] = 7
+        u, r = divmod(k, 32)
+        i, j = divmod(r, 2)
+        words = [w & 0xFFFFFFFF for w in pack(q, 3)[0].tolist()]  # unsigned view
+        expected = [0] * 6
+        expected[2 * u + j] = 3 << (2 * i)  # low plane: as 2-bit
+        expected[4 + u] = 1 << (16 * j + i)  # high plane after K/16 = 4 low words
+        assert words == expected
+
+
+def test_storage_bits_per_weight():
+    assert storage_bits_per_weight(4, 128) == 4.25
+    assert storage_bits_per_weight(3, 128) == 3.25  # two planes, no padding
+    assert storage_bits_per_weight(2, 64) == 2.5
+    assert storage_bits_per_weight(2, 32) == 3.0
+
+
+def test_reference_is_dequantize_then_fp32_matmul():
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 128, generator=gen), torch.randn(2, 5, 128, generator=gen)
+    down, up, bias = torch.randn(4, 128, generator=gen), torch.randn(24, 4, generator=gen), torch.randn(24, generator=gen)
+    q, s, z = quantize_groups(w, 4, 64)
+    got = lowbit_matmul_ref(x, pack(q, 4), s, z, 4, 64, down, up, bias)
+    expected = x @ fake_quantize(w, 4, 64).t() + (x @ down.t()) @ up.t() + bias
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_quantlinear_from_linear_cpu():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 40)
+    layer = QuantLinear.from_linear(linear, bits=3, group=64, rank=8)
+    assert (layer.in_features, layer.out_features, layer.bits, layer.group) == (256, 40, 3, 64)
+    assert set(dict(layer.named_buffers())) == {"packed", "scale", "zero", "bias"}
+    assert {n for n, _ in layer.named_parameters()} == {"down", "up"}
+    w_hat = layer.dequantized_weight()
+    assert torch.equal(w_hat, fake_quantize(linear.weight, 3, 64))
+    x = torch.randn(3, 7, 256, requires_grad=True)
+    y = layer(x)  # up starts at zero: the layer starts as the quantized linear
+    assert torch.allclose(y, x @ w_hat.t() + linear.bias, atol=1e-4)
+    with torch.no_grad():
+        layer.up.normal_()
+    layer(x).square().sum().backward()
+    assert x.grad is not None and layer.down.grad is not None and layer.up.grad is not None
+    assert layer.packed.grad is None
+
+
+def test_quantlinear_pads_a_width_the_group_does_not_divide():
+    torch.manual_seed(3)
+    linear = nn.Linear(40, 9)  # a pruned width: 40 = 32 + 8
+    layer = QuantLinear.from_linear(linear, bits=4, group=32, rank=2)
+    assert (layer.in_features, layer.packed_in_features, layer.rank) == (40, 64, 2)
+    assert layer.down.shape == (2, 64) and layer.scale.shape == (9, 2)
+    padded = nn.functional.pad(linear.weight.detach(), (0, 24))
+    assert torch.equal(layer.dequantized_weight(), fake_quantize(padded, 4, 32)[:, :40])
+    x = torch.randn(5, 40)
+    assert torch.allclose(layer(x), x @ layer.dequantized_weight().t() + linear.bias, atol=1e-5)
+    empty = QuantLinear.empty(40, 9, 4, 32, rank=2, bias=True)
+    empty.load_state_dict(layer.state_dict())
+    assert torch.equal(empty(x), layer(x))
+    with pytest.raises(ValueError, match="expected input"):
+        layer(torch.randn(5, 64))
+
+
+def test_quantlinear_from_quantized_and_state_dict_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(1)
+    q, s, z = quantize_groups(torch.randn(33, 128, generator=gen), 2, 32)
+    layer = QuantLinear.from_quantized(q, s, z, 2, 32, down=torch.randn(4, 128, generator=gen),
+                                       up=torch.randn(33, 4, generator=gen))
+    save_file(layer.state_dict(), tmp_path / "layer.safetensors")
+    fresh = QuantLinear(128, 33, bits=2, group=32, rank=4, dtype=torch.float32)
+    fresh.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    assert torch.equal(unpack(fresh.packed, 2, 128), q)
+    x = torch.randn(5, 128, generator=gen)
+    assert torch.equal(fresh(x), layer(x))
+
+
+BAD_INPUTS = [
+    (dict(bits=5), "unsupported bit width"),
+    (dict(group=48), "unsupported group size"),
+    (dict(x=torch.zeros(2, 96)), "not a multiple of the group size"),
+    (dict(packed=torch.zeros(10, 16, dtype=torch.int32)), "packed must be int32 of shape"),
+    (dict(packed=torch.zeros(10, 32, dtype=torch.int64)), "packed must be int32 of shape"),
+    (dict(out_features=11), "does not match packed rows"),
+    (dict(scale=torch.ones(10, 2)), "scale must be fp16 of shape"),
+    (dict(zero=torch.zeros(10, 3, dtype=torch.float16)), "zero must be fp16 of shape"),
+    (dict(down=torch.zeros(4, 256)), "given together"),
+    (dict(down=torch.zeros(4, 256), up=torch.zeros(10, 5)), "low-rank factors must be"),
+    (dict(bias=torch.zeros(9)), "bias must have shape"),
+    (dict(x=torch.zeros(2, 256, dtype=torch.int32)), "floating-point"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_INPUTS)
+def test_bad_inputs_name_the_problem(change, message):
+    q, s, z = quantize_groups(torch.randn(10, 256), 4, 128)
+    args = dict(x=torch.zeros(2, 256), packed=pack(q, 4), scale=s, zero=z, bits=4, group=128)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        lowbit_linear(**args)
+
+
+def test_pack_errors():
+    with pytest.raises(ValueError, match="outside"):
+        pack(torch.full((2, 32), 4, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack(torch.zeros(2, 48, dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="packed must be int32"):
+        unpack(torch.zeros(2, 4, dtype=torch.int32), 4, 64)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from kernels.logsoftmax_stats import kl_divergence
 from slimforge.batching import collate, epoch_batches
 from slimforge.checkpoint import clear_checkpoint, load_checkpoint, save_checkpoint
 
@@ -46,9 +47,15 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
                     checkpoint_every: int, fingerprint: str, amp_dtype: torch.dtype | None = None,
                     on_log: Callable[[int, dict], None] | None = None, log_every: int = 50,
                     compile: bool = False, adam_beta2: float = 0.98, groups: list | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, teacher: torch.nn.Module | None = None, kl_weight: float = 0.0,
+                    ce_weight: float = 1.0) -> dict:
     """Train `model` in place for `steps` optimizer steps on `examples` (from encode_records).
     `groups` (one key per example) keeps batches from mixing kinds of examples; see epoch_batches.
+
+    Distillation: with a `teacher`, the loss is ce_weight * CE(response tokens) + kl_weight *
+    KL(teacher || model) averaged over every non-padding position (the fused kernel, so the
+    vocabulary-wide fp32 probabilities are never materialised). Only parameters with
+    requires_grad train, so a frozen model with adapters trains just the adapters.
 
     Returns {"losses": per-step loss over the whole run, "tokens": non-padding tokens seen over
     the whole run, "run_tokens" and "seconds": tokens and wall time of the steps this process ran,
@@ -88,18 +95,20 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
                         pad_multiple=8 if device.type == "cuda" else 1)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup_steps, min_lr_ratio)
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
         with autocast:
-            out = forward(input_ids=batch["input_ids"].to(device, non_blocking=True),
-                          attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                          labels=batch["labels"].to(device, non_blocking=True))
+            out = forward(**inputs)
+            loss = out.loss
+            if teacher is not None:
+                loss = ce_weight * loss + kl_weight * _distill_kl(teacher, out.logits, inputs)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
         # Losses are read back in groups: a per-step .item() would make the CPU wait for the GPU
         # instead of collating the next batch while the GPU works.
-        pending.append(out.loss.detach())
+        pending.append(loss.detach())
         seen = int(batch["attention_mask"].sum())
         tokens, run_tokens = tokens + seen, run_tokens + seen
         bar.update(1)
@@ -125,6 +134,14 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
     return {"losses": losses, "tokens": tokens, "run_tokens": run_tokens, "seconds": ended - started,
             "steady_tokens_per_s": (run_tokens - half_mark[1]) / max(ended - half_mark[0], 1e-9),
             "resumed_from": start_step}
+
+
+def _distill_kl(teacher: torch.nn.Module, student_logits: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """Mean KL(teacher || student) over non-padding positions."""
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    live = inputs["attention_mask"].bool()
+    return kl_divergence(teacher_logits[live], student_logits[live]).mean()
 
 
 def finish_training(checkpoint_dir: str | Path) -> None:

@@ -47,6 +47,10 @@ def load_model(source: str | Path, dtype: str = "float32", trust_remote_code: bo
     if dtype not in DTYPES:
         raise SlimforgeError(f"dtype {dtype!r} is not supported (allowed: {', '.join(DTYPES)})")
     is_dir = Path(source).is_dir()
+    if is_dir and (Path(source) / "quantization.json").is_file():  # the quantize stage's folders
+        from slimforge.quantized import load_quantized
+
+        return load_quantized(source, device=device)
     if not is_dir and (Path(source).exists() or source.startswith((".", "/"))):
         raise SlimforgeError(f"model source {source!r} is not a folder with a Hugging Face model")
     where = "folder" if is_dir else "hub id (local cache only, downloads are off)"

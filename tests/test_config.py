@@ -9,9 +9,11 @@ from slimforge.config import load_params, parse_params
 from stages.base.params import BaseParams, ModelParams
 from stages.data.params import DataParams
 from stages.prune.params import PruneParams
+from stages.quantize.params import QuantizeParams
 from tests.conftest import REPO
 
-SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams}
+SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams,
+           "quantize.yaml": QuantizeParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

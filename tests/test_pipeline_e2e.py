@@ -1,4 +1,4 @@
-"""End to end in a temporary clone: `dvc repro` of data + base on a tiny profile, a second
+"""End to end in a temporary clone: `dvc repro` of every stage on a tiny profile, a second
 `dvc repro` that runs nothing, and the Prefect flow under prefect_test_harness."""
 
 import json
@@ -22,6 +22,9 @@ TINY_DATA = {"train_per_family": {"add": 150, "sub": 150, "mul": 150}, "val_per_
 TINY_PRUNE = {"calibration": {"files": ["train.jsonl"], "samples": 32, "max_len": 32, "batch_size": 16},
               "search": {"rounds": 1, "levels": 1, "generations": 2, "population": 4, "offspring": 4,
                          "stages": [1.0]}, "eval_batch_size": 64}
+TINY_QUANTIZE = {"calibration": {"files": ["train.jsonl"], "samples": 8, "max_len": 32, "batch_size": 1},
+                 "rank": 2, "lq_iters": 2, "lrec": {"steps": 4, "batch_size": 8, "checkpoint_every": 0},
+                 "eval_batch_size": 64}
 
 
 def _git(*args, cwd):
@@ -59,6 +62,8 @@ def clone(tmp_path_factory):
     (dst / "params/base.yaml").write_text(yaml.safe_dump(base))
     prune = yaml.safe_load((dst / "params/prune.yaml").read_text()) | TINY_PRUNE
     (dst / "params/prune.yaml").write_text(yaml.safe_dump(prune))
+    quantize = yaml.safe_load((dst / "params/quantize.yaml").read_text()) | TINY_QUANTIZE
+    (dst / "params/quantize.yaml").write_text(yaml.safe_dump(quantize))
     _git("init", "-q", cwd=dst)
     _git("add", "-A", cwd=dst)
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny profile", cwd=dst)
@@ -72,12 +77,14 @@ def _repro(clone):
 def test_dvc_repro_then_nothing_to_do(clone):
     first = _repro(clone)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert all(f"Running stage '{s}'" in first.stdout for s in ("data", "base", "prune"))
+    assert all(f"Running stage '{s}'" in first.stdout for s in ("data", "base", "prune", "quantize"))
     metrics = json.loads((clone / "metrics/base.json").read_text())
     assert set(metrics["accuracy"]) >= {"add", "sub", "mul"} and metrics["train"]["steps"] == 30
     assert (clone / "data/base/model.safetensors").exists() and (clone / "dvc.lock").exists()
     assert (clone / "data/labels/noisy_labels.jsonl").exists()
     assert (clone / "data/pruned/plan.json").exists() and (clone / "metrics/prune.json").exists()
+    quantized = json.loads((clone / "metrics/quantize.json").read_text())
+    assert quantized["final"] == "lq_lora_lrec" and (clone / "data/quantized/quantization.json").exists()
     second = _repro(clone)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
 
@@ -94,7 +101,7 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
         from prefect.artifacts import Artifact
 
         artifact = Artifact.get("slimforge-stage-metrics")
-    assert set(results) == {"data", "base", "prune"}
+    assert set(results) == {"data", "base", "prune", "quantize"}
     assert results["base"]["train"]["steps"] == 30
     assert artifact is not None and "accuracy_base" in str(artifact.data)
     import os
@@ -104,4 +111,4 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("slimforge.stage") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["slimforge.stage"] for r in children) == ["base", "data", "prune"]
+    assert sorted(r.data.tags["slimforge.stage"] for r in children) == ["base", "data", "prune", "quantize"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers import DynamicCache, LlamaConfig, PreTrainedModel, StaticCache
 
 from slimforge.modeling import cache_kwarg
 
@@ -101,3 +101,17 @@ def decode_tokens_per_s(model: PreTrainedModel, batch_size: int = 1, prompt_len:
         return batch_size * new_tokens / seconds, "eager"
     finally:
         model.train(was_training)
+
+
+def llama3_8b_shape(layers: int = 32) -> LlamaConfig:
+    """Llama-3-8B's shape (GQA 32/8, MLP 14336, vocabulary 128256) for speed runs with random weights."""
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def decode_tok_s(model, batch: int, prompt: int, new: int) -> float:
+    """Steady decode tokens/s on the static-cache CUDA-graph path, after a warm-up run."""
+    graph_decode(model, batch, prompt, 8)  # warm-up: kernels, allocator
+    _, seconds = graph_decode(model, batch, prompt, new)
+    return batch * (new - WARMUP) / seconds

@@ -16,16 +16,10 @@ import argparse
 import json
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from slimforge.evaluate.speed import graph_decode
+from slimforge.evaluate.speed import decode_tok_s, llama3_8b_shape
 from slimforge.pruning import PrunePlan, prune_model
-
-
-def llama3_8b_shape(layers: int) -> LlamaConfig:
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
 
 
 def half_plan(config) -> PrunePlan:
@@ -51,12 +45,6 @@ def prefill_ms(model, batch: int, seq: int, reps: int = 10) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
-
-
-def decode_tok_s(model, batch: int, prompt: int, new: int) -> float:
-    graph_decode(model, batch, prompt, 8)  # warm-up: kernels, allocator
-    _, seconds = graph_decode(model, batch, prompt, new)
-    return batch * (new - 3) / seconds
 
 
 def main() -> None:

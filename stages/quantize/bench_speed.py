@@ -1,0 +1,71 @@
+"""Decode speed of 4-bit and 2-bit models against bf16, on one GPU, in the same run.
+
+    python -m stages.quantize.bench_speed [--layers 32] [--group 128] [--json out.json]
+
+A Llama-3-8B-shaped model (random weights: speed does not depend on them) in bf16, and copies
+whose decoder linears are QuantLinear on the low-bit kernels (embeddings and lm_head stay bf16,
+as in the quantize stage). Decode: greedy steps from a static KV cache, each replayed as one CUDA
+graph, batch 1 and 16. Also the 2-bit model with a rank-64 low-rank correction fused in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import torch
+from transformers import LlamaForCausalLM
+
+from kernels.lowbit import QuantLinear
+from slimforge.evaluate.speed import decode_tok_s, llama3_8b_shape
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantized_copy(dense: torch.nn.Module, bits: int, group: int, rank: int) -> torch.nn.Module:
+    model = copy.deepcopy(dense)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in LINEARS:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, bits, group, rank=rank))
+    torch.cuda.empty_cache()
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256, help="decoded tokens per measurement")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        dense = LlamaForCausalLM(llama3_8b_shape(args.layers)).eval()
+    torch.set_default_dtype(torch.float32)
+    gpu = torch.cuda.get_device_name()
+    batches = (1, 16)
+    results = {"gpu": gpu, "group": args.group, "rows": []}
+    base = {b: decode_tok_s(dense, b, 128, args.new) for b in batches}
+    results["rows"].append({"model": "bf16", **{f"b{b}": base[b] for b in batches}})
+    print(f"{gpu}: decode tok/s, static cache + CUDA graph, prompt 128, {args.new} new tokens")
+    print(f"{'model':22s} " + " ".join(f"{'b' + str(b):>16s}" for b in batches))
+    print(f"{'bf16':22s} " + " ".join(f"{base[b]:9.1f} (1.00x)" for b in batches))
+    for bits, rank in ((4, 0), (2, 0), (2, 64)):
+        model = quantized_copy(dense, bits, args.group, rank)
+        tok = {b: decode_tok_s(model, b, 128, args.new) for b in batches}
+        label = f"W{bits} g{args.group}" + (f" + rank {rank}" if rank else "")
+        results["rows"].append({"model": label, **{f"b{b}": tok[b] for b in batches},
+                                **{f"speedup_b{b}": tok[b] / base[b] for b in batches}})
+        print(f"{label:22s} " + " ".join(f"{tok[b]:9.1f} ({tok[b] / base[b]:.2f}x)" for b in batches))
+        del model
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

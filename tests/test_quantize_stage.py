@@ -1,0 +1,118 @@
+"""The quantize stage on tiny random models: the folder round trip, LREC training only the
+factors, the budget allocation, end to end on a pruned input, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from slimforge import SlimforgeError
+from slimforge.batching import encode_records
+from slimforge.pruning import PrunePlan, prune_model, save_pruned
+from slimforge.quantized import bits_report, load_quantized, quantize_model, save_quantized, target_linears
+from slimforge.tasks.records import load_records
+from slimforge.training import train_causal_lm
+from stages.quantize import pad_columns, run
+from stages.quantize.decompose import lq_decompose
+from stages.quantize.params import LINEARS, QuantizeParams
+from tests.helpers import save_tiny, tiny_model
+
+SMALL = {"calibration": {"samples": 8, "max_len": 32, "batch_size": 1}, "rank": 4, "lq_iters": 3,
+         "lrec": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 3}, "eval_batch_size": 64}
+
+
+def _quantized(model, bits=2, group=32, rank=4):
+    formats = {n: (bits, group) for n in target_linears(model, list(LINEARS))}
+    decomposed = {}
+    for n, m in target_linears(model, list(LINEARS)).items():
+        decomposed[n] = lq_decompose(pad_columns(m.weight.detach(), group), bits, group, rank=rank, iters=3)
+    return quantize_model(model, decomposed, formats)
+
+
+def test_folder_reloads_to_the_same_logits(tmp_path, tokenizer):
+    model = _quantized(tiny_model("qwen2", tokenizer), group=64)  # K=32 < 64: the padded path, and q/k/v biases
+    save_quantized(model, tokenizer, tmp_path, tmp_path / "q")
+    again, _ = load_quantized(tmp_path / "q")
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    meta = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert meta["modules"]["model.layers.0.self_attn.q_proj"]["bits"] == 2
+    report = bits_report(again)
+    assert report["bits_per_weight"] > report["quantized_bits_per_weight"] > 2
+
+
+def test_tampered_folder_is_refused(tmp_path, tokenizer):
+    model = _quantized(tiny_model("llama", tokenizer))
+    save_quantized(model, tokenizer, tmp_path, tmp_path / "q")
+    weights = tmp_path / "q" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(SlimforgeError, match="checksum"):
+        load_quantized(tmp_path / "q")
+
+
+def test_lrec_trains_only_the_factors_and_lowers_the_loss(tmp_path, tokenizer, suite_dir):
+    teacher = tiny_model("llama", tokenizer, seed=1)
+    student = _quantized(tiny_model("llama", tokenizer, seed=1), bits=2)
+    student.requires_grad_(False)
+    for n, p in student.named_parameters():
+        if n.endswith((".down", ".up")):
+            p.requires_grad_(True)
+    frozen = {k: v.clone() for k, v in student.state_dict().items() if not k.endswith((".down", ".up"))}
+    factors = {k: v.clone() for k, v in student.state_dict().items() if k.endswith((".down", ".up"))}
+    examples = encode_records(load_records(suite_dir / "train.jsonl")[:64], tokenizer, max_len=32)
+    out = train_causal_lm(student, examples, pad_id=tokenizer.pad_token_id, steps=30, batch_size=16, lr=5e-3,
+                          warmup_steps=1, min_lr_ratio=1.0, weight_decay=0.0, grad_clip=1.0, seed=0,
+                          checkpoint_dir=tmp_path / "ck", checkpoint_every=0, fingerprint="t", teacher=teacher,
+                          kl_weight=1.0, ce_weight=0.0, progress=False, log_every=5)
+    state = student.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert any(not torch.equal(state[k], v) for k, v in factors.items())
+    assert sum(out["losses"][-5:]) < sum(out["losses"][:5])
+
+
+def _pruned_folder(tmp_path, tokenizer):
+    base = save_tiny("llama", tokenizer, tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    plan = PrunePlan.identity(model.config)
+    for lp in plan.layers:
+        lp.channels = lp.channels[:48]  # 48 channels: down_proj's K is no multiple of 32 or 64
+    save_pruned(prune_model(model, plan), tokenizer, plan, tmp_path / "pruned")
+    return base, tmp_path / "pruned"
+
+
+def test_stage_end_to_end_on_a_pruned_model(tmp_path, suite_dir, tokenizer):
+    base, pruned = _pruned_folder(tmp_path, tokenizer)
+    params = QuantizeParams.model_validate({**SMALL, "bits": 2, "group": 32})
+    m = run(params, pruned, base, suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "plots")
+    assert set(m["results"]) == {"full_precision", "rtn", "lq_lora", "lq_lora_lrec"} and m["final"] == "lq_lora_lrec"
+    assert m["lrec_steps"] == 6 and m["bits"]["bits_per_weight"] > 2.5
+    model, _ = load_quantized(tmp_path / "q")
+    assert model.model.layers[0].mlp.down_proj.in_features == 48
+    assert (tmp_path / "plots" / "bits.png").exists() and not (tmp_path / ".checkpoints" / "q").exists()
+    assert json.loads((tmp_path / "q" / "slimforge.json").read_text())["stage"] == "quantize"
+
+
+def test_budget_picks_mixed_formats_within_it(tmp_path, suite_dir, tokenizer):
+    base = save_tiny("llama", tokenizer, tmp_path / "base")
+    params = QuantizeParams.model_validate({**SMALL, "model": "base", "budget": 3.5, "choices": [[2, 32], [4, 32]], "rank": 0,
+                                            "lrec": {"steps": 0}, "compare": False})
+    m = run(params, tmp_path / "none", base, suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "plots")
+    assert m["allocation"]["allocated_bits_per_weight"] <= 3.5 + 1e-9
+    assert m["bits"]["bits_per_weight"] <= 3.5 + 1e-9
+    assert set(m["formats"]) == {"2-bit g32", "4-bit g32"}
+    assert m["final"] == "rtn" and m["bits"]["low_rank_bits_per_weight"] == 0
+
+
+def test_bad_input_fails_with_one_line(tmp_path, suite_dir, tokenizer):
+    base = save_tiny("llama", tokenizer, tmp_path / "base")
+    params = QuantizeParams.model_validate({**SMALL, "model": "base", "budget": 0.5, "choices": [[2, 32]]})
+    with pytest.raises(SlimforgeError, match="infeasible"):
+        run(params, tmp_path / "none", base, suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "plots")
+    assert not (tmp_path / "q").exists()
+    for bad, msg in (({"bits": 5}, "unsupported bit width"), ({"group": 48}, "unsupported group size"),
+                     ({"targets": ["c_attn"]}, "targets must be")):
+        with pytest.raises(Exception, match=msg):
+            QuantizeParams.model_validate(bad)

@@ -8,12 +8,13 @@ from slimforge import SlimforgeError
 from slimforge.config import load_params, parse_params
 from stages.base.params import BaseParams, ModelParams
 from stages.data.params import DataParams
+from stages.filter.params import FilterParams
 from stages.prune.params import PruneParams
 from stages.quantize.params import QuantizeParams
 from tests.conftest import REPO
 
 SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams,
-           "quantize.yaml": QuantizeParams}
+           "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

@@ -25,6 +25,7 @@ TINY_PRUNE = {"calibration": {"files": ["train.jsonl"], "samples": 32, "max_len"
 TINY_QUANTIZE = {"calibration": {"files": ["train.jsonl"], "samples": 8, "max_len": 32, "batch_size": 1},
                  "rank": 2, "lq_iters": 2, "lrec": {"steps": 4, "batch_size": 8, "checkpoint_every": 0},
                  "eval_batch_size": 64}
+TINY_FILTER = {"references": 3, "downstream": {"steps": 5, "batch_size": 8}, "batch_size": 64}
 
 
 def _git(*args, cwd):
@@ -64,6 +65,8 @@ def clone(tmp_path_factory):
     (dst / "params/prune.yaml").write_text(yaml.safe_dump(prune))
     quantize = yaml.safe_load((dst / "params/quantize.yaml").read_text()) | TINY_QUANTIZE
     (dst / "params/quantize.yaml").write_text(yaml.safe_dump(quantize))
+    filt = yaml.safe_load((dst / "params/filter.yaml").read_text()) | TINY_FILTER
+    (dst / "params/filter.yaml").write_text(yaml.safe_dump(filt))
     _git("init", "-q", cwd=dst)
     _git("add", "-A", cwd=dst)
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny profile", cwd=dst)
@@ -77,7 +80,7 @@ def _repro(clone):
 def test_dvc_repro_then_nothing_to_do(clone):
     first = _repro(clone)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert all(f"Running stage '{s}'" in first.stdout for s in ("data", "base", "prune", "quantize"))
+    assert all(f"Running stage '{s}'" in first.stdout for s in ("data", "base", "prune", "quantize", "filter"))
     metrics = json.loads((clone / "metrics/base.json").read_text())
     assert set(metrics["accuracy"]) >= {"add", "sub", "mul"} and metrics["train"]["steps"] == 30
     assert (clone / "data/base/model.safetensors").exists() and (clone / "dvc.lock").exists()
@@ -85,6 +88,8 @@ def test_dvc_repro_then_nothing_to_do(clone):
     assert (clone / "data/pruned/plan.json").exists() and (clone / "metrics/prune.json").exists()
     quantized = json.loads((clone / "metrics/quantize.json").read_text())
     assert quantized["final"] == "lq_lora_lrec" and (clone / "data/quantized/quantization.json").exists()
+    filtered = json.loads((clone / "metrics/filter.json").read_text())
+    assert "meta_ranking" in filtered["detection"] and (clone / "data/filtered/filtered.jsonl").exists()
     second = _repro(clone)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
 
@@ -101,7 +106,7 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
         from prefect.artifacts import Artifact
 
         artifact = Artifact.get("slimforge-stage-metrics")
-    assert set(results) == {"data", "base", "prune", "quantize"}
+    assert set(results) == {"data", "base", "prune", "quantize", "filter"}
     assert results["base"]["train"]["steps"] == 30
     assert artifact is not None and "accuracy_base" in str(artifact.data)
     import os
@@ -111,4 +116,4 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("slimforge.stage") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["slimforge.stage"] for r in children) == ["base", "data", "prune", "quantize"]
+    assert sorted(r.data.tags["slimforge.stage"] for r in children) == ["base", "data", "filter", "prune", "quantize"]

@@ -1,0 +1,194 @@
+"""filter stage: Meta Ranking data filtering with a weak judge (ranking.py documents the method).
+
+    python -m stages.filter --params params/filter.yaml --model data/base --data data/tasks \
+        --labels data/labels --out data/filtered --metrics metrics/filter.json
+
+1. The judge (the base model unless `judge` names another folder) compares every target
+   (query, response) with N labelled references from the pool, both orders, reading ' A'/' B'
+   from next-token log-probs (fused kernel, batched). A weighted vote gives a reliability score;
+   rows at or above the threshold (calibrated on the pool) are kept. Scores are appended to a
+   cache as they come, so a killed run resumes where it stopped.
+2. `rounds` > 1: fine-tune the judge briefly on what was kept, judge again.
+3. Baselines with the same judge: keep everything; direct single-response judging (P(' yes'));
+   perplexity filtering; thresholds calibrated on the same pool.
+4. Only after the filtered data is written are the sidecar labels read, to score every method
+   (precision/recall/F1 of catching wrong rows); the filtering code never receives them.
+5. Downstream: the same LoRA recipe on the kept rows and on all rows, exact match on a test file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from slimforge import SlimforgeError
+from slimforge.batching import encode_records
+from slimforge.io import atomic_dir, read_jsonl, write_json, write_jsonl, write_provenance
+from slimforge.modeling import load_model
+from slimforge.tasks.records import load_records
+from slimforge.tracking import stage_run
+from slimforge.training import train_causal_lm
+from stages.filter.downstream import lora_accuracy
+from stages.filter.judge import direct_probs, mean_logprob, pairwise_win_probs
+from stages.filter.params import FilterParams
+from stages.filter.ranking import calibrate_threshold, detection, draw_references, vote
+
+LABELS_FILE = "noisy_labels.jsonl"
+CHUNK = 1024  # targets judged (and cached) at a time
+
+
+def resolve(data_dir: Path, name: str) -> Path:
+    """A suite file name inside the data folder, or a path the user gave."""
+    path = Path(name)
+    return path if path.is_absolute() or path.exists() else data_dir / name
+
+
+def load_pool(path: Path) -> list[dict]:
+    pool = read_jsonl(path, required=("prompt", "response", "correct"), types={"correct": bool})
+    if not pool:
+        raise SlimforgeError(f"{path}: the reference pool is empty")
+    return pool
+
+
+def meta_scores(judge, tokenizer, targets: list[dict], pool: list[dict], n: int, balanced: bool, seed: int,
+                batch_size: int, exclude: list[int] | None = None, cache: Path | None = None) -> torch.Tensor:
+    """Meta Ranking score per target. With `cache`, finished chunks are appended to it and reused."""
+    try:
+        draws = draw_references(len(targets), [p["correct"] for p in pool], n, balanced, seed, exclude)
+    except ValueError as err:
+        raise SlimforgeError(str(err)) from None
+    done = {}
+    if cache is not None and cache.exists():
+        done = {r["i"]: r["score"] for r in read_jsonl(cache)}
+    scores = torch.empty(len(targets))
+    for start in range(0, len(targets), CHUNK):
+        idx = list(range(start, min(start + CHUNK, len(targets))))
+        if all(i in done for i in idx):
+            scores[idx] = torch.tensor([done[i] for i in idx])
+            continue
+        refs = [[pool[j] for j in draws[i]] for i in idx]
+        p_win = pairwise_win_probs(judge, tokenizer, [targets[i] for i in idx], refs, batch_size)
+        ref_correct = torch.tensor([[pool[j]["correct"] for j in draws[i]] for i in idx])
+        scores[idx] = vote(p_win, ref_correct)
+        if cache is not None:
+            with open(cache, "a") as f:
+                f.writelines(json.dumps({"i": i, "score": float(scores[i])}) + "\n" for i in idx)
+    return scores
+
+
+def filter_rows(judge, tokenizer, targets: list[dict], pool: list[dict], params: FilterParams, cache_dir: Path,
+                round_: int) -> dict:
+    """One Meta Ranking pass: pool-calibrated threshold, target scores, keep mask. No labels here."""
+    correct = [p["correct"] for p in pool]
+    if params.threshold is None:
+        pool_scores = meta_scores(judge, tokenizer, pool, pool, params.references, params.balanced, params.seed + 1,
+                                  params.batch_size, exclude=list(range(len(pool))))
+        threshold = calibrate_threshold(pool_scores.tolist(), correct)
+    else:
+        threshold = params.threshold
+    started = time.perf_counter()
+    scores = meta_scores(judge, tokenizer, targets, pool, params.references, params.balanced, params.seed,
+                         params.batch_size, cache=cache_dir / f"scores-round{round_}.jsonl")
+    seconds = time.perf_counter() - started
+    return {"scores": scores, "threshold": threshold, "kept": (scores >= threshold).tolist(),
+            "pairs_per_s": len(targets) * params.references / max(seconds, 1e-9)}
+
+
+def baseline(score_fn, judge, tokenizer, targets, pool, batch_size) -> dict:
+    """A single-response score with its threshold calibrated on the pool."""
+    threshold = calibrate_threshold(score_fn(judge, tokenizer, pool, batch_size).tolist(),
+                                    [p["correct"] for p in pool])
+    scores = score_fn(judge, tokenizer, targets, batch_size)
+    return {"scores": scores, "threshold": threshold, "kept": (scores >= threshold).tolist()}
+
+
+def finetune_judge(judge, tokenizer, rows: list[dict], params: FilterParams, ckpt: Path) -> None:
+    ft = params.finetune
+    examples = encode_records(rows, tokenizer)
+    train_causal_lm(judge, examples, pad_id=tokenizer.pad_token_id, steps=ft.steps,
+                    batch_size=min(ft.batch_size, len(examples)), lr=ft.lr, warmup_steps=min(10, ft.steps),
+                    min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, seed=params.seed, checkpoint_dir=ckpt,
+                    checkpoint_every=0, fingerprint="judge-finetune", progress=False)
+
+
+def _fingerprint(params: FilterParams, judge_dir: Path, targets: Path, pool: Path) -> str:
+    text = json.dumps(params.model_dump(), sort_keys=True) + str(judge_dir) + targets.read_text() + pool.read_text()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run(params: FilterParams, base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+        metrics_path: str | Path, labels_dir: str | Path | None = None) -> dict:
+    """`base_dir`: the judge unless params.judge names one, and the model the downstream LoRAs train."""
+    data_dir, out_dir, base_dir = Path(data_dir), Path(out_dir), Path(base_dir)
+    judge_dir = Path(params.judge) if params.judge else base_dir
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    targets_path, pool_path = resolve(data_dir, params.targets), resolve(data_dir, params.pool)
+    targets, pool = load_records(targets_path), load_pool(pool_path)
+    if params.references > len(pool) - 1:
+        raise SlimforgeError(f"references: {params.references} is more than the pool's {len(pool) - 1} usable "
+                             f"examples ({pool_path})")
+    judge, tokenizer = load_model(judge_dir, device=device)  # a folder without a tokenizer fails here
+    ckpt = out_dir.parent / ".checkpoints" / out_dir.name
+    fp = _fingerprint(params, judge_dir, targets_path, pool_path)
+    if (ckpt / "fingerprint").exists() and (ckpt / "fingerprint").read_text() != fp:
+        shutil.rmtree(ckpt)  # another run's scores: never reuse them
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "fingerprint").write_text(fp)
+
+    with stage_run("filter", params.model_dump()) as tracker:
+        started = time.perf_counter()
+        judge.eval()
+        methods, history = {}, []
+        for r in range(params.rounds):
+            if r > 0:
+                finetune_judge(judge, tokenizer, [t for t, k in zip(targets, meta["kept"]) if k], params, ckpt / "ft")
+                judge.eval()
+            meta = filter_rows(judge, tokenizer, targets, pool, params, ckpt, r)
+            history.append({"round": r + 1, "threshold": meta["threshold"], "kept_fraction": sum(meta["kept"]) / len(targets)})
+        methods["meta_ranking"] = meta
+        seconds = time.perf_counter() - started
+        if params.baselines:
+            judge, tokenizer = load_model(judge_dir, device=device)  # the untouched judge, as meta round 1 had
+            methods["direct"] = baseline(direct_probs, judge, tokenizer, targets, pool, params.batch_size)
+            methods["perplexity"] = baseline(mean_logprob, judge, tokenizer, targets, pool, params.batch_size)
+            methods["keep_all"] = {"kept": [True] * len(targets), "threshold": None}
+        ids = [t.get("id", str(i)) for i, t in enumerate(targets)]
+        with atomic_dir(out_dir) as tmp:
+            write_jsonl(tmp / "filtered.jsonl", [t for t, k in zip(targets, meta["kept"]) if k])
+            write_jsonl(tmp / "scores.jsonl", [
+                {"id": i, "kept": k, **{f"{name}_score": float(m["scores"][j]) for name, m in methods.items()
+                                         if "scores" in m}}
+                for j, (i, k) in enumerate(zip(ids, meta["kept"]))])
+            write_provenance(tmp, "filter", params.model_dump(), parent=None)
+        metrics = {"kept_fraction": sum(meta["kept"]) / len(targets), "threshold": meta["threshold"],
+                   "pairs_per_s": meta["pairs_per_s"], "seconds": seconds, "rounds": history,
+                   "targets": len(targets), "references": params.references}
+        # The labels are read only now, after the filtered data exists, to score each method.
+        if labels_dir is not None and (Path(labels_dir) / LABELS_FILE).exists():
+            truth = {r["id"]: r["correct"] for r in read_jsonl(Path(labels_dir) / LABELS_FILE)}
+            wrong = [not truth[i] for i in ids]
+            metrics["detection"] = {name: {**detection([not k for k in m["kept"]], wrong),
+                                           "kept_fraction": sum(m["kept"]) / len(targets)}
+                                    for name, m in methods.items()}
+            metrics["wrong_fraction"] = sum(wrong) / len(wrong)
+        ds = params.downstream
+        if ds.steps > 0:
+            tests = load_records(resolve(data_dir, ds.test_file), need_answer=True)
+            acc = {}
+            for name in ("meta_ranking", "direct", "keep_all"):
+                if name in methods:
+                    rows = [t for t, k in zip(targets, methods[name]["kept"]) if k]
+                    acc[name] = lora_accuracy(base_dir, rows, tests, steps=ds.steps, rank=ds.rank, lr=ds.lr,
+                                              batch_size=ds.batch_size, seed=params.seed,
+                                              checkpoint_dir=ckpt / f"lora-{name}", device=device)
+            metrics["downstream_accuracy"] = acc
+        write_json(metrics_path, metrics)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(metrics_path)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics

@@ -1,0 +1,93 @@
+"""Meta Ranking, the pure part: reference draws, position debiasing, the weighted vote, threshold
+calibration and detection metrics. (Meta Ranking has no released code; every choice is ours and
+documented here.)
+
+A target (query, response) is compared with N labelled references. For each pair the judge says
+which of the two is correct, in both orders; the debiased probability that the target wins is
+
+    p = ( P(A | target shown as A) + P(B | target shown as B) ) / 2
+
+Evidence (with confidence c = |2p - 1|, so a coin-flip verdict weighs nothing):
+    target beats a correct reference  -> reliable,   + c
+    target loses to a wrong reference -> unreliable, - c
+The other two outcomes (losing to a correct reference, beating a wrong one) are what a correct
+*and* a wrong target would both do against a weak judge, so they carry no vote. The score is the
+mean evidence over the N references, in [-1, 1]; a target is kept when its score reaches the
+threshold, calibrated on the labelled pool itself (each pool item scored against N others, the
+threshold maximising Youden's J).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+def draw_references(n_targets: int, correct: list[bool], n: int, balanced: bool, seed: int,
+                    exclude: list[int] | None = None) -> list[list[int]]:
+    """N reference indices into the pool per target. `balanced`: ceil(N/2) correct and floor(N/2)
+    wrong ones, so every target meets both kinds of evidence. `exclude[t]`: a pool index target t
+    must not be compared with (itself, when the pool is scored for calibration)."""
+    good = [i for i, c in enumerate(correct) if c]
+    bad = [i for i, c in enumerate(correct) if not c]
+    if not good or not bad:
+        raise ValueError(f"the reference pool needs correct and wrong examples (has {len(good)} correct, "
+                         f"{len(bad)} wrong)")
+    room = len(correct) - (1 if exclude is not None else 0)
+    if n > room:
+        raise ValueError(f"references: {n} is more than the pool's {room} usable examples")
+    rng = random.Random(f"{seed}:references")
+    out = []
+    for t in range(n_targets):
+        skip = exclude[t] if exclude is not None else None
+        if balanced:
+            g = [i for i in good if i != skip]
+            b = [i for i in bad if i != skip]
+            n_good = min(len(g), max(n - len(b), (n + 1) // 2))  # one kind short: more of the other
+            out.append(rng.sample(g, n_good) + rng.sample(b, n - n_good))
+        else:
+            out.append(rng.sample([i for i in range(len(correct)) if i != skip], n))
+    return out
+
+
+def debiased_win(p_a_target_first: torch.Tensor, p_a_target_second: torch.Tensor) -> torch.Tensor:
+    """P(target wins), averaged over the two orders (cancels the judge's position bias)."""
+    return 0.5 * (p_a_target_first + (1.0 - p_a_target_second))
+
+
+def vote(p_win: torch.Tensor, ref_correct: torch.Tensor) -> torch.Tensor:
+    """Reliability score per target from (T, N) win probabilities and reference labels."""
+    conf_win = (2 * p_win - 1).clamp(min=0)
+    conf_loss = (1 - 2 * p_win).clamp(min=0)
+    evidence = torch.where(ref_correct, conf_win, -conf_loss)
+    return evidence.mean(-1)
+
+
+def detection(flagged: list[bool], wrong: list[bool]) -> dict[str, float]:
+    """Precision, recall and F1 of catching wrong responses (flagged = removed by the filter)."""
+    tp = sum(f and w for f, w in zip(flagged, wrong))
+    fp = sum(f and not w for f, w in zip(flagged, wrong))
+    fn = sum(w and not f for f, w in zip(flagged, wrong))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def calibrate_threshold(scores: list[float], correct: list[bool]) -> float:
+    """The keep-threshold (keep when score >= t) that maximises Youden's J = recall of the wrong
+    items - share of correct items removed, on a labelled set; ties go to the lower threshold
+    (keep more). J does not depend on the share of wrong items, so a threshold found on a 50/50
+    pool transfers to a target set with another error rate; F1 does not (on a pool that is half
+    wrong, "remove everything" already scores F1 0.67 and wins whenever the judge is weak)."""
+    values = sorted(set(scores))
+    candidates = [values[0] - 1e-9] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 1e-9]
+    n_wrong, n_right = sum(not c for c in correct), sum(correct)
+    best_t, best_j = candidates[0], -2.0
+    for t in candidates:
+        caught = sum(s < t and not c for s, c in zip(scores, correct)) / max(n_wrong, 1)
+        lost = sum(s < t and c for s, c in zip(scores, correct)) / max(n_right, 1)
+        if caught - lost > best_j + 1e-12:
+            best_t, best_j = t, caught - lost
+    return best_t

@@ -1,0 +1,143 @@
+"""Meta Ranking: the vote on hand-made outcomes, position debiasing, reference draws, threshold
+calibration, the judge prompts through the tokenizer, resumable scores, the stage end to end on a
+tiny model, proof that filtering never reads the sidecar labels, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+import stages.filter as filter_stage
+from slimforge import SlimforgeError
+from slimforge.tasks.judge import pairwise_prompt, verdict_ids
+from stages.filter import meta_scores, run
+from stages.filter.params import FilterParams
+from stages.filter.ranking import calibrate_threshold, debiased_win, detection, draw_references, vote
+from slimforge.io import write_jsonl
+from tests.conftest import small_suite
+from tests.helpers import save_tiny, tiny_model
+
+SMALL = {"references": 3, "downstream": {"steps": 3, "batch_size": 8}, "finetune": {"steps": 2, "batch_size": 8},
+         "batch_size": 64}
+
+
+def test_vote_counts_only_the_informative_outcomes():
+    ref_correct = torch.tensor([[True, True, False, False]])
+    # beats both correct refs confidently, beats one wrong ref, loses to the other wrong one
+    p = torch.tensor([[1.0, 0.75, 0.9, 0.0]])
+    assert vote(p, ref_correct).item() == pytest.approx((1.0 + 0.5 + 0.0 - 1.0) / 4)
+    # losing to correct refs and beating wrong refs is what any target does: no evidence
+    assert vote(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), ref_correct).item() == 0.0
+    # coin flips weigh nothing
+    assert vote(torch.full((1, 4), 0.5), ref_correct).item() == 0.0
+
+
+def test_both_orders_cancel_position_bias():
+    always_a = torch.ones(5)  # a judge that answers "A" whatever it is shown
+    assert torch.allclose(debiased_win(always_a, always_a), torch.full((5,), 0.5))
+    assert debiased_win(torch.tensor([0.9]), torch.tensor([0.2])).item() == pytest.approx(0.85)
+
+
+def test_reference_draws_are_balanced_exclusive_and_checked():
+    correct = [True] * 6 + [False] * 4
+    draws = draw_references(10, correct, 5, True, seed=0, exclude=list(range(10)))
+    for t, d in enumerate(draws):
+        assert len(set(d)) == 5 and t not in d and sum(correct[i] for i in d) == 3
+    assert draws == draw_references(10, correct, 5, True, seed=0, exclude=list(range(10)))
+    with pytest.raises(ValueError, match="correct and wrong"):
+        draw_references(3, [True] * 5, 2, True, 0)
+    with pytest.raises(ValueError, match="more than the pool"):
+        draw_references(3, correct, 11, True, 0)
+
+
+def test_threshold_calibration_and_detection():
+    scores = [0.9, 0.8, 0.7, -0.2, -0.5, 0.1]
+    correct = [True, True, True, False, False, True]
+    t = calibrate_threshold(scores, correct)
+    assert -0.2 < t <= 0.1
+    m = detection([s < t for s in scores], [not c for c in correct])
+    assert m == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+
+
+def test_judge_prompt_round_trips_through_the_tokenizer(tokenizer):
+    prompt = pairwise_prompt(("12+34=", "46"), ("7*8=", "54"))
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == prompt
+    a, b = verdict_ids(tokenizer, "pairwise")
+    assert tokenizer.decode([a]) == " A" and tokenizer.decode([b]) == " B"
+
+
+def _pool():
+    return [{"prompt": f"{i}+{i}=", "response": str(2 * i if i % 3 else 2 * i + 1), "correct": bool(i % 3)}
+            for i in range(1, 13)]
+
+
+def test_scores_are_cached_and_reused(tmp_path, tokenizer, monkeypatch):
+    judge, pool = tiny_model("llama", tokenizer), _pool()
+    targets = [{"prompt": "5+6=", "response": "11"}, {"prompt": "7+1=", "response": "9"}]
+    first = meta_scores(judge, tokenizer, targets, pool, 3, True, 0, 8, cache=tmp_path / "s.jsonl")
+
+    def boom(*a, **k):
+        raise AssertionError("judged again")
+
+    monkeypatch.setattr(filter_stage, "pairwise_win_probs", boom)
+    again = meta_scores(judge, tokenizer, targets, pool, 3, True, 0, 8, cache=tmp_path / "s.jsonl")
+    assert torch.equal(first, again)
+
+
+def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_dir, tokenizer, monkeypatch):
+    base = save_tiny("llama", tokenizer, tmp_path / "base")
+    params = FilterParams.model_validate({**SMALL, "rounds": 2})
+    read = []
+    real = filter_stage.read_jsonl
+
+    def spy(path, *a, **k):
+        read.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(filter_stage, "read_jsonl", spy)
+    filtered_at = []
+    real_write = filter_stage.write_jsonl
+    monkeypatch.setattr(filter_stage, "write_jsonl",
+                        lambda path, rows: (filtered_at.append(len(read)), real_write(path, rows)))
+    labels = tmp_path / "labels"
+    write_jsonl(labels / "noisy_labels.jsonl", small_suite()[1])
+    m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels_dir=labels)
+    label_reads = [i for i, p in enumerate(read) if p.endswith("noisy_labels.jsonl")]
+    assert label_reads and min(label_reads) >= max(filtered_at)  # only after the outputs were written
+    assert set(m["detection"]) == {"meta_ranking", "direct", "perplexity", "keep_all"}
+    assert m["detection"]["keep_all"]["recall"] == 0.0 and len(m["rounds"]) == 2
+    assert set(m["downstream_accuracy"]) == {"meta_ranking", "direct", "keep_all"}
+    rows = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    kept = (tmp_path / "out" / "filtered.jsonl").read_text().splitlines()
+    assert len(rows) == m["targets"] and sum(r["kept"] for r in rows) == len(kept)
+    assert not (tmp_path / ".checkpoints" / "out").exists()
+
+
+def test_filtering_works_without_the_labels(tmp_path, suite_dir, tokenizer):
+    base = save_tiny("llama", tokenizer, tmp_path / "base")
+    params = FilterParams.model_validate({**SMALL, "baselines": False, "downstream": {"steps": 0}})
+    m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels_dir=None)
+    assert "detection" not in m and 0 <= m["kept_fraction"] <= 1
+
+
+def test_bad_input(tmp_path, suite_dir, tokenizer):
+    base = save_tiny("llama", tokenizer, tmp_path / "base")
+    only_good = tmp_path / "good.jsonl"
+    only_good.write_text("".join(json.dumps(r | {"correct": True}) + "\n" for r in _pool()))
+    params = FilterParams.model_validate({**SMALL, "pool": str(only_good)})
+    with pytest.raises(SlimforgeError, match="correct and wrong"):
+        run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json")
+    with pytest.raises(SlimforgeError, match="more than the pool"):
+        run(FilterParams.model_validate({**SMALL, "references": 10_000}), base, suite_dir, tmp_path / "out",
+            tmp_path / "m.json")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1+1=", "response": "2", "correct": true}\n{oops\n')
+    with pytest.raises(SlimforgeError, match=r"broken.jsonl:2"):
+        run(FilterParams.model_validate({**SMALL, "pool": str(broken)}), base, suite_dir, tmp_path / "out",
+            tmp_path / "m.json")
+    no_tok = tmp_path / "no_tok"
+    tiny_model("llama", tokenizer).save_pretrained(no_tok)
+    with pytest.raises(SlimforgeError, match="tokenizer"):
+        run(FilterParams.model_validate(SMALL), no_tok, suite_dir, tmp_path / "out", tmp_path / "m.json")
+    assert not (tmp_path / "out").exists()

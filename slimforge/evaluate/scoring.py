@@ -12,22 +12,30 @@ from slimforge.batching import collate, encode_records, left_pad, prompt_ids
 
 
 @torch.no_grad()
-def response_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
-                 batch_size: int = 64) -> tuple[float, int]:
-    """Summed negative log-likelihood of the responses (and their EOS) given the prompts, and the
-    number of tokens scored. Perplexity is exp(nll / tokens)."""
+def response_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
+                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per record: the summed log-prob of its response tokens (and the EOS) given the prompt, and
+    how many tokens that is (fp32 CPU tensors, input order)."""
     device = next(model.parameters()).device
     examples = encode_records(records, tokenizer)
-    total, count = 0.0, 0
+    sums, counts = [], []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
         labels = batch["labels"][:, 1:].to(device)
         keep = labels != -100
-        total -= token_logprobs(logits, labels)[keep].sum().item()  # fused kernel on GPU
-        count += int(keep.sum())
-    return total, count
+        sums.append((token_logprobs(logits, labels) * keep).sum(1).float().cpu())  # fused kernel on GPU
+        counts.append(keep.sum(1).float().cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def response_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
+                 batch_size: int = 64) -> tuple[float, int]:
+    """Summed negative log-likelihood of the responses (and their EOS) given the prompts, and the
+    number of tokens scored. Perplexity is exp(nll / tokens)."""
+    sums, counts = response_logprobs(model, tokenizer, records, batch_size)
+    return -sums.double().sum().item(), int(counts.sum())
 
 
 def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],

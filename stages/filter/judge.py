@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from kernels.logsoftmax_stats import token_logprobs
-from slimforge.batching import collate, encode_records, left_pad, prompt_ids
+from slimforge.batching import left_pad, prompt_ids
+from slimforge.evaluate.scoring import response_logprobs
 from slimforge.tasks.judge import pairwise_prompt, verdict_ids, verify_prompt
 from stages.filter.ranking import debiased_win
 
@@ -53,18 +54,7 @@ def direct_probs(model, tokenizer, records: list[dict], batch_size: int = 256) -
                          "verify", batch_size)
 
 
-@torch.no_grad()
 def mean_logprob(model, tokenizer, records: list[dict], batch_size: int = 256) -> torch.Tensor:
     """The perplexity baseline: mean log-prob per response token (higher = more plausible)."""
-    device = next(model.parameters()).device
-    examples = encode_records(records, tokenizer)
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
-        labels = batch["labels"][:, 1:].to(device)
-        keep = labels != -100
-        lp = token_logprobs(logits, labels) * keep
-        out.append((lp.sum(1) / keep.sum(1).clamp(min=1)).float().cpu())
-    return torch.cat(out)
+    sums, counts = response_logprobs(model, tokenizer, records, batch_size)
+    return sums / counts.clamp(min=1)

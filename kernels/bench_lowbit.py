@@ -11,7 +11,7 @@ Python launch overhead of the next call is hidden; CUDA events bracket the call 
 Sections: (1) forward y = x @ W^T per shape, format (bits:group) and M; (2) the fused rank-r
 correction at M in --lr-m: plain low-bit kernel vs fused vs unfused (plain kernel + two matmuls and
 an add); (3) GEMV vs GEMM for M = 2, 4 (picks GEMV_MAX_M); (4) the input gradient dx = dy @ W at
-M = --dx-m vs cuBLAS. Configs are tuned on first use (kernels/lowbit.py); candidate kernels are
+M = --dx-m vs cuBLAS. Configs are tuned on first use (kernels/lowbit_tune.py); candidate kernels are
 compiled first in parallel worker processes (into Triton's disk cache) so tuning only times them.
 --configs-out writes the tuned table for this GPU (to ship as kernels/lowbit_configs.json).
 
@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import lowbit
+from kernels import lowbit, lowbit_tune
 from kernels.lowbit_format import dequantize_groups, pack, quantize_groups, storage_bits_per_weight, unpack
 
 _FLUSH: torch.Tensor | None = None
@@ -103,9 +103,9 @@ def precompile(points, workers: int) -> None:
     gpu = torch.cuda.get_device_name()
     jobs = {}  # one per compiled binary: sizes here are all multiples of 16, so only M == 1 specialises
     for n, k, bits, group, m, kind in points:
-        if lowbit.config_key(kind, m, n, k, bits, group) in lowbit._tables().get(gpu, {}):
+        if lowbit_tune.config_key(kind, m, n, k, bits, group) in lowbit_tune.tables().get(gpu, {}):
             continue
-        for cfg in lowbit._CANDIDATES[kind](m, n, k, bits, sms):
+        for cfg in lowbit_tune.CANDIDATES[kind](m, n, k, bits, sms):
             jobs.setdefault((kind, bits, group, m == 1, tuple(sorted(cfg.items()))), (n, k, bits, group, m, kind, cfg))
     jobs = list(jobs.values())
     if not jobs:
@@ -130,9 +130,9 @@ def forward_rows(args, formats) -> list[dict]:
             w_hat = dequantize_groups(unpack(packed, bits, k), scale, zero, group)
             for m in args.m:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                n_log = len(lowbit.TUNE_LOG)
+                n_log = len(lowbit_tune.TUNE_LOG)
                 y = lowbit.lowbit_linear(x, packed, scale, zero, bits, group)  # tunes on first use
-                tuning = [[(round(t * 1000, 1), c) for t, c in log] for log in lowbit.TUNE_LOG[n_log:]]
+                tuning = [[(round(t * 1000, 1), c) for t, c in log] for log in lowbit_tune.TUNE_LOG[n_log:]]
                 ref = x.float() @ w_hat.t()
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)
@@ -264,7 +264,7 @@ def main() -> None:
     if "dx" not in args.skip:
         rows += dx_rows(args, formats)
 
-    configs = lowbit._tables().get(gpu, {})
+    configs = lowbit_tune.tables().get(gpu, {})
     with open(args.out, "w") as f:
         json.dump(dict(gpu=gpu, torch=torch.__version__, triton=lowbit.triton.__version__, rows=rows,
                        configs=configs), f, indent=1)

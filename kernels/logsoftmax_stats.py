@@ -17,10 +17,9 @@ use); the references in kernels/reference.py otherwise.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from kernels.dispatch import interpreting, use_triton
 from kernels.reference import entropy_ref, kl_divergence_ref, token_logprobs_ref
 
 try:
@@ -28,15 +27,6 @@ try:
     import triton.language as tl
 except ImportError:  # a machine without triton still gets the references
     triton = None
-
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and (t.is_cuda or _interpreting())
 
 
 if triton is not None:
@@ -156,7 +146,7 @@ if triton is not None:
 
 
 def _launch(kernel, n_rows: int, *args, **constexprs) -> None:
-    if _interpreting() or not torch.cuda.is_available():
+    if interpreting() or not torch.cuda.is_available():
         kernel[(n_rows,)](*args, **constexprs, BLOCK=256)
     else:
         _TUNED[kernel][(n_rows,)](*args, **constexprs)

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from kernels import lowbit
+from kernels import lowbit, lowbit_tune
 from kernels.lowbit import kernel_kind, lowbit_linear, use_triton
 from kernels.lowbit_format import pack, quantize_groups
 from kernels.reference import lowbit_matmul_ref
@@ -50,13 +50,13 @@ def check(device, bits, group, M, N, K, dtype, rank, bias, seed=0, override=None
         grads = torch.autograd.grad(y, list(ins.values()), dy)
         return y, dict(zip(ins, grads))
 
-    lowbit._OVERRIDE.clear()
-    lowbit._OVERRIDE.update(override or {})
+    lowbit_tune.OVERRIDE.clear()
+    lowbit_tune.OVERRIDE.update(override or {})
     try:
         assert use_triton(x)
         y, g = run(lowbit_linear)
     finally:
-        lowbit._OVERRIDE.clear()
+        lowbit_tune.OVERRIDE.clear()
     y_ref, g_ref = run(lambda *a, **k: lowbit_matmul_ref(*a, **k))
     stale = [str(buf.nonzero().flatten()[:4].tolist()) for buf in lowbit._COUNTERS.values() if buf.any()]
     name = (f"{device} bits={bits} g={group} M={M} N={N} K={K} {str(dtype)[6:]} rank={rank} bias={bias} "

@@ -1,0 +1,22 @@
+"""Where a kernel op runs: Triton for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1
+(how the CPU tests run the Triton code); the PyTorch reference otherwise, e.g. on a machine
+without triton."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+except ImportError:
+    triton = None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return triton is not None and (t.is_cuda or interpreting())

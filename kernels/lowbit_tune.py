@@ -1,0 +1,175 @@
+"""Launch configs of the low-bit kernels (kernels/lowbit.py): candidate lists per kernel kind,
+the per-GPU tables, and the tuner that fills them.
+
+Configs: a JSON table keyed by GPU name then by "kind|bits,group,N,K,M-bucket" (shipped in
+kernels/lowbit_configs.json: the benchmark's shapes on an H100 80GB HBM3, triton 3.6) and a per-user cache
+($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a shape missing from both
+fills on first use by timing a short candidate list (CUDA events, L2 flushed). SLIMFORGE_LOWBIT_TUNE=0
+skips tuning (heuristic config); nothing is tuned during CUDA-graph capture. The fused low-rank
+variant and bf16 reuse the plain fp16 entry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+try:
+    import triton
+except ImportError:  # the reference path never asks for a config
+    triton = None
+
+
+def pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+_SHIPPED = Path(__file__).with_name("lowbit_configs.json")
+_USER = Path(os.environ.get("SLIMFORGE_CACHE", "~/.cache/slimforge")).expanduser() / "lowbit_configs.json"
+_TABLES: dict[str, dict[str, dict]] | None = None
+OVERRIDE: dict[str, dict] = {}  # kind -> config; tests force split-K etc. through this
+
+
+def tables() -> dict[str, dict[str, dict]]:
+    global _TABLES
+    if _TABLES is None:
+        _TABLES = {}
+        for path in (_SHIPPED, _USER):  # user entries win
+            if path.exists():
+                for gpu, entries in json.loads(path.read_text()).items():
+                    _TABLES.setdefault(gpu, {}).update(entries)
+    return _TABLES
+
+
+def _remember(gpu: str, key: str, cfg: dict) -> None:
+    tables().setdefault(gpu, {})[key] = cfg
+    try:
+        data = json.loads(_USER.read_text()) if _USER.exists() else {}
+        data.setdefault(gpu, {})[key] = cfg
+        _USER.parent.mkdir(parents=True, exist_ok=True)
+        _USER.write_text(json.dumps(data, indent=1, sort_keys=True))
+    except OSError:  # a read-only home still gets the in-memory entry
+        pass
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _gemv_candidates(M, N, K, bits, sms):
+    """All threads of a program lie along K (BLOCK_KW = 32 * LO * warps: one unit of LO words
+    per thread and row): a narrower tile puts warps along N and costs a shared-memory layout
+    conversion per tile. Fewer warps = more iterations per program (the prefetch overlaps them)."""
+    lo = 2 if bits == 3 else bits
+    kw = K * lo // 32
+    out = []
+    for warps in (1, 2, 4, 8):
+        bkw = 32 * lo * warps
+        if bkw > max(32 * lo, kw):
+            continue
+        for bn in (4, 8, 16):
+            if bn * 32 > 256:  # weights per thread per tile: ptxas spills above
+                continue
+            for split in (1, 2, 4, 8):
+                iters = kw / split / bkw
+                progs = M * math.ceil(N / bn) * split
+                if (split == 1 or iters >= 1) and sms <= progs <= 32 * sms:
+                    out.append(dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=split, num_warps=warps, num_stages=1))
+    # most promising first: ~4 programs per SM with at least 2 tiles each, little split
+    def rank(c):
+        progs = M * math.ceil(N / c["BLOCK_N"]) * c["SPLIT_K"]
+        iters = kw / c["SPLIT_K"] / c["BLOCK_KW"]
+        return abs(math.log2(progs * c["num_warps"] / (16 * sms))) + (iters < 2) + 0.25 * math.log2(c["SPLIT_K"])
+    out.sort(key=rank)
+    return out[:12] or [dict(BLOCK_N=4, BLOCK_KW=32 * lo, SPLIT_K=1, num_warps=1, num_stages=1)]
+
+
+def _gemm_candidates(M, N, K, bits, sms):
+    vpw = 16 if bits in (2, 3) else 8
+    out = []
+    for bm in (16, 32, 64, 128):
+        if bm > max(16, pow2(M)):
+            continue
+        for bn in (64, 128):
+            for bk in (64, 128, 256):
+                if bk // vpw < 4:  # at least one 16-byte vector of words per row
+                    continue
+                for split in (1, 2, 4, 8):
+                    tiles = math.ceil(N / bn) * math.ceil(M / bm)
+                    if split > 1 and (tiles >= 2 * sms or K / split < 2 * bk):
+                        continue
+                    for warps in (4, 8):
+                        if warps == 8 and bn * bm < 64 * 64:
+                            continue
+                        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=3))
+    big = max(16, min(128, pow2(M)))
+    out.sort(key=lambda c: (abs(math.log2(math.ceil(N / c["BLOCK_N"]) * math.ceil(M / c["BLOCK_M"]) * c["SPLIT_K"] / (2 * sms))),
+                            c["BLOCK_M"] != big, -c["BLOCK_K"]))
+    return out[:14]
+
+
+def _dx_candidates(M, N, K, bits, sms):
+    out = []
+    for bm in (128, 64, 32):
+        if bm > max(32, pow2(M)):
+            continue
+        for bk in (64, 128):
+            for bn in (32, 64):
+                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4 if bm * bk <= 64 * 64 else 8, num_stages=3))
+    return out[:8]
+
+
+CANDIDATES = {"gemv": _gemv_candidates, "gemm": _gemm_candidates, "dx": _dx_candidates}
+_INTERPRETER_CONFIGS = {  # small tiles: the interpreter's cost grows with the tile
+    "gemv": dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=2, num_warps=4, num_stages=1),
+    "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1),
+    "dx": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=1),
+}
+
+
+def _mbucket(kind: str, M: int) -> int:
+    return pow2(M) if kind == "gemv" else min(pow2(M), 1024)
+
+
+def config_key(kind: str, M: int, N: int, K: int, bits: int, group: int) -> str:
+    return f"{kind}|b{bits}g{group}n{N}k{K}m{_mbucket(kind, M)}"
+
+
+def config_for(kind: str, M: int, N: int, K: int, bits: int, group: int, device: torch.device, launch) -> dict:
+    """The config for this launch: override > table > tune (CUDA) > heuristic. `launch(cfg)` runs it."""
+    if kind in OVERRIDE:
+        return OVERRIDE[kind]
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIGS[kind]
+    gpu, key = torch.cuda.get_device_name(device), config_key(kind, M, N, K, bits, group)
+    hit = tables().get(gpu, {}).get(key)
+    if hit is not None:
+        return hit
+    candidates = CANDIDATES[kind](M, N, K, bits, _sm_count(device))
+    if os.environ.get("SLIMFORGE_LOWBIT_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    best = tune(candidates, launch)
+    _remember(gpu, key, best)
+    return best
+
+
+TUNE_LOG: list[list[tuple[float, dict]]] = []  # every tuning's (ms, config) list, fastest first
+
+
+def tune(candidates: list[dict], launch) -> dict:
+    """Fastest candidate by median CUDA-event time (triton's do_bench flushes L2 before each run)."""
+    timed = []
+    for cfg in candidates:
+        try:
+            launch(cfg)
+            timed.append((triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median"), cfg))
+        except Exception:  # noqa: BLE001 -- a config that does not compile/fit is skipped
+            continue
+    if not timed:
+        raise RuntimeError("no low-bit kernel config ran on this device")
+    TUNE_LOG.append(sorted(timed, key=lambda tc: tc[0]))
+    return min(timed, key=lambda tc: tc[0])[1]

@@ -19,6 +19,7 @@ Folder layout (written by the quantize stage):
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -94,8 +95,6 @@ def _sha256(path: Path) -> str:
 
 def save_quantized(model, tokenizer, source_folder: str | Path, folder: str | Path) -> None:
     """Write the quantized folder (layout in the module docstring)."""
-    import json
-
     folder, source_folder = Path(folder), Path(source_folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
@@ -118,8 +117,6 @@ def save_quantized(model, tokenizer, source_folder: str | Path, folder: str | Pa
 def load_quantized(folder: str | Path, device: str | torch.device = "cpu"):
     """Rebuild a quantized model on the low-bit kernels; checks the format, the checksum and every
     tensor's shape before loading."""
-    import json
-
     import slimforge.pruning  # noqa: F401  registers the pruned-model classes (a pruned input)
 
     folder = Path(folder)

@@ -49,12 +49,16 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recor
 def next_token_probs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                      candidates: list[int], batch_size: int = 128) -> torch.Tensor:
     """(len(prompts), len(candidates)) probabilities of each candidate token right after each
-    prompt, renormalised over the candidates: how a judge's verdict is read without sampling."""
+    prompt, renormalised over the candidates: how a judge's verdict is read without sampling.
+    (The renormalisation cancels the full-vocabulary log-sum-exp, so only the candidates' logits
+    are read.) Prompts are batched by length so left padding stays small; rows return in order."""
     device = next(model.parameters()).device
     encoded = prompt_ids(tokenizer, prompts)
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        ids, mask = left_pad(encoded[start:start + batch_size], tokenizer.pad_token_id)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = torch.empty(len(prompts), len(candidates))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits[:, -1]
-        out.append(torch.softmax(logits.float()[:, candidates], dim=-1).cpu())
-    return torch.cat(out)
+        out[idx] = torch.softmax(logits.float()[:, candidates], dim=-1).cpu()
+    return out

@@ -116,8 +116,8 @@ def finetune_judge(judge, tokenizer, rows: list[dict], params: FilterParams, ckp
                     checkpoint_every=0, fingerprint="judge-finetune", progress=False)
 
 
-def _fingerprint(params: FilterParams, judge_dir: Path, targets: Path, pool: Path) -> str:
-    text = json.dumps(params.model_dump(), sort_keys=True) + str(judge_dir) + targets.read_text() + pool.read_text()
+def _fingerprint(params: FilterParams, judge_dir: Path, targets: list[dict], pool: list[dict]) -> str:
+    text = json.dumps([params.model_dump(), str(judge_dir), targets, pool], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -134,7 +134,7 @@ def run(params: FilterParams, base_dir: str | Path, data_dir: str | Path, out_di
                              f"examples ({pool_path})")
     judge, tokenizer = load_model(judge_dir, device=device)  # a folder without a tokenizer fails here
     ckpt = out_dir.parent / ".checkpoints" / out_dir.name
-    fp = _fingerprint(params, judge_dir, targets_path, pool_path)
+    fp = _fingerprint(params, judge_dir, targets, pool)
     if (ckpt / "fingerprint").exists() and (ckpt / "fingerprint").read_text() != fp:
         shutil.rmtree(ckpt)  # another run's scores: never reuse them
     ckpt.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -32,3 +35,11 @@ def save_tiny(arch: str, tokenizer, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_cases_under_interpreter(module: str, repo: Path) -> subprocess.CompletedProcess:
+    """`python -m <module> cpu` with TRITON_INTERPRET=1: the Triton code runs on the CPU. A fresh
+    process, because triton reads the variable when it is imported."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
+    return subprocess.run([sys.executable, "-m", module, "cpu"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)

@@ -2,9 +2,6 @@
 interpreter, and on a GPU when there is one -- plus input checks and the CPU fallback."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,12 +9,11 @@ import torch
 from kernels.logsoftmax_stats import kl_divergence, token_logprobs
 from kernels.reference import entropy_ref, kl_divergence_ref, token_logprobs_ref
 from tests.conftest import REPO
+from tests.helpers import run_cases_under_interpreter
 
 
 def test_triton_matches_reference_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "tests.kernel_cases", "cpu"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cases_under_interpreter("tests.kernel_cases", REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
 

@@ -1,9 +1,6 @@
 """Low-bit matmul: packing round trips and layout, the Triton kernels against the PyTorch reference
 (on CPU under the Triton interpreter, on a GPU when there is one), QuantLinear, and input checks."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,12 +11,11 @@ from kernels.lowbit_format import (fake_quantize, pack, packed_words, quantize_g
                                    unpack)
 from kernels.reference import lowbit_matmul_ref
 from tests.conftest import REPO
+from tests.helpers import run_cases_under_interpreter
 
 
 def test_triton_matches_reference_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "tests.lowbit_cases", "cpu"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cases_under_interpreter("tests.lowbit_cases", REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
 

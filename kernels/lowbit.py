@@ -543,6 +543,12 @@ class QuantLinear(nn.Module):
             nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
     @property
+    def qweight(self) -> torch.Tensor:
+        """The packed weight under the name PEFT looks for to place LoRA adapters on this layer's
+        device (QLoRAM wraps QuantLinear with peft's LoRA layer)."""
+        return self.packed
+
+    @property
     def rank(self) -> int:
         return self.down.shape[0] if self.down is not None else 0
 

@@ -150,11 +150,27 @@ def config_for(kind: str, M: int, N: int, K: int, bits: int, group: int, device:
     if hit is not None:
         return hit
     candidates = CANDIDATES[kind](M, N, K, bits, _sm_count(device))
-    if os.environ.get("SLIMFORGE_LOWBIT_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing():
         return candidates[0]
+    if os.environ.get("SLIMFORGE_LOWBIT_TUNE", "1") == "0":
+        best = first_that_runs(candidates, launch)
+        tables().setdefault(gpu, {})[key] = best  # this process only: an untimed pick is not a tuning
+        return best
     best = tune(candidates, launch)
     _remember(gpu, key, best)
     return best
+
+
+def first_that_runs(candidates: list[dict], launch) -> dict:
+    """The most promising candidate that fits this GPU (big tiles at large M can ask for more shared
+    memory than the device has), without timing: for SLIMFORGE_LOWBIT_TUNE=0."""
+    for cfg in candidates:
+        try:
+            launch(cfg)
+            return cfg
+        except Exception:  # noqa: BLE001 -- out of shared memory / registers: try the next
+            continue
+    raise RuntimeError("no low-bit kernel config ran on this device")
 
 
 TUNE_LOG: list[list[tuple[float, dict]]] = []  # every tuning's (ms, config) list, fastest first

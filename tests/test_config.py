@@ -9,12 +9,13 @@ from slimforge.config import load_params, parse_params
 from stages.base.params import BaseParams, ModelParams
 from stages.data.params import DataParams
 from stages.filter.params import FilterParams
+from stages.lora.params import LoraParams
 from stages.prune.params import PruneParams
 from stages.quantize.params import QuantizeParams
 from tests.conftest import REPO
 
 SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams,
-           "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams}
+           "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams, "lora.yaml": LoraParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

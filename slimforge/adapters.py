@@ -1,0 +1,72 @@
+"""LoRA adapters through PEFT on any model slimforge loads: dense, pruned, or quantized.
+
+On a quantized model the frozen weights stay packed: PEFT's LoRA layer wraps each QuantLinear and
+calls it for the base output, so the forward and the input-gradient run on the low-bit kernels
+and no dense copy of the frozen matrix is kept (QLoRA / QLoRAM). Such a layer cannot be merged
+(there is no dense weight to merge into); the adapter is served beside the packed model instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from kernels.lowbit import QuantLinear
+from slimforge import SlimforgeError
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_names(model: torch.nn.Module) -> set[str]:
+    """Last names of the decoder's linear layers (dense or packed), e.g. {'q_proj', ...}."""
+    return {n.split(".")[-1] for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, QuantLinear)) and ".layers." in f".{n}"}
+
+
+def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    have = linear_names(model)
+    missing = [t for t in targets if t not in have]
+    if missing or not targets:
+        raise SlimforgeError(f"adapter targets {missing or targets} are not linear layers of the model's decoder "
+                             f"(it has: {', '.join(sorted(have))})")
+
+
+def lora_config(model: torch.nn.Module, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
+                init: bool | str = True) -> LoraConfig:
+    """A plain LoRA config (no bias, no modules_to_save: what vLLM's loader accepts). Packed
+    QuantLinear layers get PEFT's LoRA layer through its custom-module hook."""
+    if rank <= 0:
+        raise SlimforgeError(f"LoRA rank must be >= 1, got {rank}")
+    check_targets(model, targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                        bias="none", task_type="CAUSAL_LM", init_lora_weights=init)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        config._register_custom_module({QuantLinear: LoraLinear})
+    return config
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
+             seed: int = 0, init: bool | str = True) -> PeftModel:
+    """`model` wrapped with fresh LoRA adapters; only the adapters require grad."""
+    config = lora_config(model, rank, alpha, targets, dropout, init)
+    torch.manual_seed(seed)  # PEFT draws A from the global generator
+    with warnings.catch_warnings():  # PEFT warns on QuantLinear ("unsupported layer"); the hook handles it
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return get_peft_model(model, config)
+
+
+def load_adapter(model: torch.nn.Module, folder: str | Path) -> PeftModel:
+    """`model` with the PEFT adapter saved in `folder` (inference mode)."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise SlimforgeError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+    config = LoraConfig.from_pretrained(folder)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        config._register_custom_module({QuantLinear: LoraLinear})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return PeftModel.from_pretrained(model, folder, config=config, is_trainable=False)

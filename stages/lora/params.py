@@ -1,0 +1,70 @@
+"""Schema of params/lora.yaml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from slimforge.adapters import PROJECTIONS
+from slimforge.config import Schema
+
+
+class Train(Schema):
+    steps: int = Field(300, ge=1, description="optimizer steps of each LoRA run (LoRAM and the full-model baseline)")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate of the adapters")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
+    batch_size: int = Field(64, ge=1, description="sequences per step")
+    max_len: int = Field(64, ge=8, description="tokens per training sequence at most")
+    checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints (0: never)")
+
+
+class Align(Schema):
+    steps: int = Field(0, ge=0, description="LoRAM alignment: full-parameter continual pre-training of the "
+                       "pruned model on base-task text before LoRA (0: none; needs model: pruned)")
+    lr: float = Field(3e-4, gt=0, description="learning rate of the alignment")
+    batch_size: int = Field(64, ge=1, description="sequences per alignment step")
+    files: list[str] = Field(["train.jsonl"], description="suite files (in the data folder) of base-task text")
+    kl_weight: float = Field(0.0, ge=0, description="weight of KL(base || pruned) over the vocabulary at every "
+                             "position: distil the full model into the pruned one (0: plain continual "
+                             "pre-training, as LoRAM)")
+    ce_weight: float = Field(1.0, ge=0, description="weight of the next-token cross-entropy on responses")
+
+
+class Recovery(Schema):
+    init: Literal["zeros", "random"] = Field(
+        "zeros", description="what the expanded A columns of o_proj/down_proj hold at pruned inputs: zeros "
+        "(the full model gets exactly the pruned adapter's change on the kept sub-network) or small random values")
+    std: float = Field(1e-3, ge=0, description="standard deviation of those values with init: random")
+
+
+class LoraParams(Schema):
+    seed: int = Field(0, description="seed of adapter init and data order")
+    model: Literal["pruned", "quantized", "base"] = Field(
+        "pruned", description="what the adapters train on: pruned (LoRAM), quantized (QLoRAM: the quantize "
+        "stage's packed pruned model, through the low-bit kernels), or base (plain LoRA, no recovery)")
+    prune_weights: Literal["selection", "refit"] = Field(
+        "selection", description="model: pruned: selection = the base model's weights cut to plan.json "
+        "(what recovery assumes); refit = the prune stage's saved weights (OBS-refit o_proj/down_proj)")
+    data: Literal["suite", "filtered"] = Field(
+        "suite", description="training rows: suite = `train_file` from the data folder; filtered = the filter "
+        "stage's kept rows (filtered.jsonl)")
+    train_file: str = Field("lora_train.jsonl", description="suite file (or a path) with data: suite")
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/rank)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    targets: list[str] = Field(list(PROJECTIONS), description=f"projections that get adapters, among {PROJECTIONS}")
+    train: Train = Field(Train(), description="the LoRA runs")
+    align: Align = Field(Align(), description="optional alignment of the pruned model before LoRA")
+    recovery: Recovery = Field(Recovery(), description="how adapters are expanded to the full model")
+    baselines: bool = Field(True, description="also evaluate the untouched base and train LoRA on the full "
+                            "model with the same data and steps")
+    eval_batch_size: int = Field(256, gt=0, description="sequences per evaluation batch")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in PROJECTIONS]
+        if bad or not v:
+            raise ValueError(f"targets must be a non-empty subset of {', '.join(PROJECTIONS)}; unknown: {bad}")
+        return v

@@ -1,0 +1,245 @@
+"""LoRAM: recovery math, the equivalence it promises, PEFT reload, QLoRAM gradients, the stage."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimforge import SlimforgeError
+from slimforge.adapters import PROJECTIONS, add_lora, load_adapter
+from slimforge.pruning import PrunePlan, prune_model, save_pruned
+from slimforge.pruning.surgery import layer_indices
+from stages.lora import run
+from stages.lora.params import LoraParams
+from stages.lora.recover import recover_state
+from tests.conftest import REPO
+from tests.helpers import save_tiny, tiny_model
+
+SMALL = {"rank": 4, "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 3},
+         "eval_batch_size": 64}
+
+
+def _plan(model) -> PrunePlan:
+    """Uneven cuts: layer 0 drops KV head 0 (query heads 0, 1) and scattered channels; layer 1
+    keeps every head but one query head per KV head, and a different channel set."""
+    plan = PrunePlan.identity(model.config)
+    plan.layers[0].q_heads, plan.layers[0].kv_heads = [2, 3], [1]
+    plan.layers[0].channels = list(range(0, 64, 2))
+    plan.layers[1].q_heads = [0, 3]
+    plan.layers[1].channels = [c for c in range(64) if c % 3]
+    plan.validate()
+    return plan
+
+
+def _adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the keys PEFT saves them with."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def _random_adapter(model, seed=1):
+    return add_lora(model, rank=3, alpha=6, targets=list(PROJECTIONS), seed=seed, init=False)  # B random too
+
+
+def test_recovered_delta_is_the_pruned_delta_scattered_into_the_kept_positions(tokenizer):
+    base = tiny_model("llama", tokenizer)
+    plan = _plan(base)
+    small = _random_adapter(prune_model(base, plan))
+    state = _adapter_state(small)
+    full = recover_state(state, plan)
+    scale = 6 / 3
+    for i in range(2):
+        for module, (dim, kept) in layer_indices(plan, i).items():
+            key = f"base_model.model.model.layers.{i}.{module}"
+            small_delta = state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"] * scale
+            full_delta = full[f"{key}.lora_B.weight"] @ full[f"{key}.lora_A.weight"] * scale
+            weight = base.get_submodule(f"model.layers.{i}.{module}").weight
+            assert full_delta.shape == weight.shape
+            axis = 0 if dim == "rows" else 1
+            torch.testing.assert_close(full_delta.index_select(axis, kept), small_delta)
+            dropped = torch.ones(weight.shape[axis], dtype=torch.bool)
+            dropped[kept] = False
+            assert dropped.any() or module.endswith(("k_proj", "v_proj"))
+            assert torch.count_nonzero(full_delta.index_select(axis, dropped.nonzero()[:, 0])) == 0
+
+
+def _zero_pruned_positions(model, plan):
+    """The full model with every pruned head/channel's weights zeroed: the kept sub-network alone."""
+    with torch.no_grad():
+        for i in range(len(plan.layers)):
+            for module, (dim, kept) in layer_indices(plan, i).items():
+                w = model.get_submodule(f"model.layers.{i}.{module}").weight
+                mask = torch.ones(w.shape[0 if dim == "rows" else 1], dtype=torch.bool)
+                mask[kept] = False
+                if dim == "rows":
+                    w[mask] = 0
+                else:
+                    w[:, mask] = 0
+    return model
+
+
+def test_full_model_plus_recovered_adapter_equals_pruned_model_plus_adapter_on_the_kept_network(tokenizer, tmp_path):
+    """With the pruned positions' weights zero, the full model computes exactly the pruned one (a
+    zeroed query head scores uniformly, but its o_proj columns are zero too); the recovered adapter
+    is zero at those positions, so adding it keeps the equality — with the adapter on."""
+    base = tiny_model("llama", tokenizer)
+    plan = _plan(base)
+    small = _random_adapter(prune_model(base, plan))
+    small.save_pretrained(tmp_path / "small")
+    full_state = recover_state(load_file(tmp_path / "small" / "adapter_model.safetensors"), plan)
+    full = _random_adapter(_zero_pruned_positions(tiny_model("llama", tokenizer), plan), seed=7)
+    missing = full.load_state_dict({k.replace(".lora_A.weight", ".lora_A.default.weight")
+                                    .replace(".lora_B.weight", ".lora_B.default.weight"): v
+                                    for k, v in full_state.items()}, strict=False)
+    assert not missing.unexpected_keys
+    ids = torch.tensor([[1, 8, 5, 9, 3, 7, 2, 4], [1, 6, 6, 2, 9, 5, 3, 8]])
+    with torch.no_grad():
+        want, got = small(input_ids=ids).logits, full(input_ids=ids).logits
+        plain = prune_model(base, plan)(input_ids=ids).logits
+    assert (want - plain).abs().max() > 1e-2  # the adapter does change the output
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_random_init_fills_only_the_pruned_input_columns(tokenizer):
+    base = tiny_model("llama", tokenizer)
+    plan = _plan(base)
+    state = _adapter_state(_random_adapter(prune_model(base, plan)))
+    zeros, noisy = recover_state(state, plan), recover_state(state, plan, init="random", std=0.01, seed=3)
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    kept = torch.tensor(plan.layers[0].channels)
+    torch.testing.assert_close(noisy[key][:, kept], zeros[key][:, kept])
+    assert 0 < noisy[key].abs().max() and noisy[key][:, 1::2].abs().max() < 0.1
+    b = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"
+    assert torch.equal(noisy[b], zeros[b])  # output rows stay zero: only A gets the option
+
+
+def test_recovery_refuses_an_adapter_from_another_plan(tokenizer):
+    base = tiny_model("llama", tokenizer)
+    plan = _plan(base)
+    state = _adapter_state(_random_adapter(prune_model(base, plan)))
+    other = PrunePlan.identity(base.config)
+    with pytest.raises(SlimforgeError, match="not trained on this plan"):
+        recover_state(state, other)
+    with pytest.raises(SlimforgeError, match="decoder projections only"):
+        recover_state({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 32)}, plan)
+
+
+def test_recovered_adapter_reloads_with_peft_in_a_fresh_process(tmp_path, suite_dir, tokenizer):
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    params = LoraParams.model_validate({**SMALL, "baselines": False})
+    _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
+    run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "plots")
+    from transformers import AutoModelForCausalLM
+
+    ids = [[1, 8, 5, 9, 3, 7, 2, 4]]
+    with torch.no_grad():
+        here = load_adapter(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora" / "adapter")(
+            input_ids=torch.tensor(ids)).logits
+    script = ("import json, sys, torch\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
+              f"m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), "
+              f"{str(tmp_path / 'lora' / 'adapter')!r})\n"
+              f"print(json.dumps(m(input_ids=torch.tensor({ids})).logits[0, -1].tolist()))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # only transformers + peft
+    assert out.returncode == 0, out.stderr
+    torch.testing.assert_close(torch.tensor(json.loads(out.stdout)), here[0, -1], atol=1e-5, rtol=1e-5)
+    config = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir) and config["r"] == 4
+    assert not config.get("modules_to_save") and config["bias"] == "none"
+
+
+def test_qloram_gradients_reach_only_the_adapters(tokenizer):
+    from tests.test_quantize_stage import _quantized
+
+    model = _quantized(prune_model(tiny_model("llama", tokenizer), _plan(tiny_model("llama", tokenizer))))
+    model.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = add_lora(model, rank=2, alpha=4, targets=list(PROJECTIONS), init=False)
+    ids = torch.tensor([[1, 8, 5, 9, 3, 7, 2, 4]])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_A." in n or ".lora_B." in n for n in grads)
+    assert len(grads) == 2 * len(PROJECTIONS) * 2 and all(g.abs().sum() > 0 for g in grads.values())
+    state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in peft_model.state_dict().items()}
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())  # packed weights and LREC factors untouched
+
+
+def _write_pruned(base_dir, folder, tokenizer, refit_noise: float = 0.0):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    plan = _plan(model)
+    pruned = prune_model(model, plan)
+    if refit_noise:  # stands in for an OBS refit: kept weights that differ from the base's
+        with torch.no_grad():
+            for layer in pruned.model.layers:
+                layer.mlp.down_proj.weight.add_(refit_noise * torch.randn_like(layer.mlp.down_proj.weight))
+    save_pruned(pruned, tokenizer, plan, folder)
+    return plan
+
+
+@pytest.mark.parametrize("prune_weights", ["selection", "refit"])
+def test_stage_end_to_end(tmp_path, suite_dir, tokenizer, prune_weights):
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    _write_pruned(base_dir, tmp_path / "pruned", tokenizer, refit_noise=0.5)
+    params = LoraParams.model_validate({**SMALL, "prune_weights": prune_weights})
+    m = run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "plots")
+    assert set(m["results"]) == {"base", "pruned_adapter", "recovered", "full_lora"}
+    assert m["results"]["pruned_adapter"]["params"] < m["results"]["base"]["params"]
+    assert m["training"]["loram"]["state_bytes"] < m["training"]["full_lora"]["state_bytes"]
+    assert 0 < m["state_bytes_ratio"] < 1 and m["tokens_per_s_ratio"] > 0
+    assert (tmp_path / "lora" / "pruned_adapter" / "adapter_model.safetensors").exists()
+    full = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
+    assert full["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 64)
+    assert (tmp_path / "plots" / "loss.csv").read_text().splitlines()[0] == "step,loram,full_lora"
+    assert not (tmp_path / ".checkpoints" / "lora").exists()
+    small, _ = __import__("slimforge.modeling", fromlist=["load_model"]).load_model(tmp_path / "pruned")
+    trained = load_file(tmp_path / "lora" / "pruned_adapter" / "adapter_model.safetensors")
+    assert trained["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 32)
+    assert small.model.layers[0].mlp.down_proj.in_features == 32
+
+
+def test_stage_on_the_quantized_model_and_plain_lora(tmp_path, suite_dir, tokenizer):
+    from slimforge.quantized import save_quantized
+    from tests.test_quantize_stage import _quantized
+
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
+    from slimforge.modeling import load_model
+
+    pruned, _ = load_model(tmp_path / "pruned")
+    save_quantized(_quantized(pruned), tokenizer, tmp_path / "pruned", tmp_path / "quantized")
+    params = LoraParams.model_validate({**SMALL, "model": "quantized", "baselines": False})
+    m = run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "p",
+            quantized_dir=tmp_path / "quantized")
+    assert set(m["results"]) == {"pruned_adapter", "recovered"} and m["training"]["loram"]["trainable_params"] > 0
+    params = LoraParams.model_validate({**SMALL, "model": "base", "baselines": False})
+    m = run(params, base_dir, tmp_path / "none", suite_dir, tmp_path / "plain", tmp_path / "m.json", tmp_path / "p")
+    assert set(m["results"]) == {"lora"} and (tmp_path / "plain" / "adapter" / "adapter_config.json").exists()
+
+
+def test_bad_input(tmp_path, suite_dir, tokenizer):
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    other = save_tiny("qwen2", tokenizer, tmp_path / "other")
+    _write_pruned(other, tmp_path / "pruned_other", tokenizer)
+    args = (suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "plots")
+    with pytest.raises(SlimforgeError, match="does not match the model"):
+        run(LoraParams.model_validate(SMALL), base_dir, tmp_path / "pruned_other", *args)
+    _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
+    with pytest.raises(SlimforgeError, match="no usable training rows"):
+        run(LoraParams.model_validate({**SMALL, "train": {"max_len": 8}}), base_dir, tmp_path / "pruned", *args)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SlimforgeError, match="no records"):
+        run(LoraParams.model_validate({**SMALL, "train_file": str(tmp_path / "empty.jsonl")}), base_dir,
+            tmp_path / "pruned", *args)
+    with pytest.raises(SlimforgeError, match="align.steps > 0 needs model: pruned"):
+        run(LoraParams.model_validate({**SMALL, "model": "base", "align": {"steps": 2}}), base_dir, tmp_path / "p", *args)
+    assert not (tmp_path / "lora").exists()
+    for bad, msg in (({"rank": 0}, "greater than or equal to 1"), ({"targets": ["c_attn"]}, "targets must be"),
+                     ({"model": "tiny"}, "pruned")):
+        with pytest.raises(Exception, match=msg):
+            LoraParams.model_validate(bad)

@@ -48,13 +48,15 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
                     on_log: Callable[[int, dict], None] | None = None, log_every: int = 50,
                     compile: bool = False, adam_beta2: float = 0.98, groups: list | None = None,
                     progress: bool = True, teacher: torch.nn.Module | None = None, kl_weight: float = 0.0,
-                    ce_weight: float = 1.0) -> dict:
+                    ce_weight: float = 1.0, hidden_weight: float = 0.0) -> dict:
     """Train `model` in place for `steps` optimizer steps on `examples` (from encode_records).
     `groups` (one key per example) keeps batches from mixing kinds of examples; see epoch_batches.
 
     Distillation: with a `teacher`, the loss is ce_weight * CE(response tokens) + kl_weight *
     KL(teacher || model) averaged over every non-padding position (the fused kernel, so the
-    vocabulary-wide fp32 probabilities are never materialised). Only parameters with
+    vocabulary-wide fp32 probabilities are never materialised); `hidden_weight` > 0 adds the mean
+    over layers of the squared error between the two models' residual streams (normalised by the
+    teacher's mean square), for students of the same hidden size. Only parameters with
     requires_grad train, so a frozen model with adapters trains just the adapters.
 
     Returns {"losses": per-step loss over the whole run, "tokens": non-padding tokens seen over
@@ -97,10 +99,10 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
             group["lr"] = lr_at(step, steps, lr, warmup_steps, min_lr_ratio)
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
         with autocast:
-            out = forward(**inputs)
+            out = forward(**inputs, output_hidden_states=hidden_weight > 0)
             loss = out.loss
             if teacher is not None:
-                loss = ce_weight * loss + kl_weight * _distill_kl(teacher, out.logits, inputs)
+                loss = ce_weight * loss + _distill(teacher, out, inputs, kl_weight, hidden_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -136,12 +138,19 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
             "resumed_from": start_step}
 
 
-def _distill_kl(teacher: torch.nn.Module, student_logits: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """Mean KL(teacher || student) over non-padding positions."""
+def _distill(teacher: torch.nn.Module, out, inputs: dict, kl_weight: float, hidden_weight: float) -> torch.Tensor:
+    """kl_weight * mean KL(teacher || student) + hidden_weight * residual-stream error, over
+    non-padding positions."""
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        t = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    output_hidden_states=hidden_weight > 0)
     live = inputs["attention_mask"].bool()
-    return kl_divergence(teacher_logits[live], student_logits[live]).mean()
+    loss = kl_weight * kl_divergence(t.logits[live], out.logits[live]).mean() if kl_weight > 0 else 0.0
+    if hidden_weight > 0:
+        pairs = list(zip(out.hidden_states[1:], t.hidden_states[1:]))
+        loss = loss + hidden_weight * sum(((s[live] - h[live]) ** 2).mean() / (h[live] ** 2).mean().clamp_min(1e-12)
+                                          for s, h in pairs) / len(pairs)
+    return loss
 
 
 def finish_training(checkpoint_dir: str | Path) -> None:

@@ -19,6 +19,7 @@ from tests.conftest import REPO
 from tests.helpers import save_tiny, tiny_model
 
 SMALL = {"rank": 4, "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 3},
+         "align": {"steps": 3, "batch_size": 8},
          "eval_batch_size": 64}
 
 
@@ -236,10 +237,27 @@ def test_bad_input(tmp_path, suite_dir, tokenizer):
     with pytest.raises(SlimforgeError, match="no records"):
         run(LoraParams.model_validate({**SMALL, "train_file": str(tmp_path / "empty.jsonl")}), base_dir,
             tmp_path / "pruned", *args)
-    with pytest.raises(SlimforgeError, match="align.steps > 0 needs model: pruned"):
-        run(LoraParams.model_validate({**SMALL, "model": "base", "align": {"steps": 2}}), base_dir, tmp_path / "p", *args)
     assert not (tmp_path / "lora").exists()
     for bad, msg in (({"rank": 0}, "greater than or equal to 1"), ({"targets": ["c_attn"]}, "targets must be"),
                      ({"model": "tiny"}, "pruned")):
         with pytest.raises(Exception, match=msg):
             LoraParams.model_validate(bad)
+
+
+def test_alignment_moves_the_pruned_residual_stream_towards_the_base(tmp_path, suite_dir, tokenizer):
+    from stages.lora import align
+
+    base = tiny_model("llama", tokenizer)
+    pruned = prune_model(base, _plan(base))
+    ids = torch.tensor([[1, 8, 5, 9, 3, 7, 2, 4, 6, 5]])
+
+    def residual_error():
+        with torch.no_grad():
+            s, t = (m(input_ids=ids, output_hidden_states=True).hidden_states[1:] for m in (pruned, base))
+        return sum(((a - b) ** 2).mean() / (b ** 2).mean() for a, b in zip(s, t)).item()
+
+    before = residual_error()
+    params = LoraParams.model_validate({**SMALL, "align": {"steps": 40, "batch_size": 16, "lr": 3e-3}})
+    report = align(pruned, params, suite_dir, tokenizer, tmp_path / "ck", "t", base, [])
+    assert report["steps"] == 40 and residual_error() < 0.7 * before
+    assert not any(p.requires_grad for p in pruned.parameters())  # frozen again for the adapters

@@ -26,6 +26,8 @@ TINY_QUANTIZE = {"calibration": {"files": ["train.jsonl"], "samples": 8, "max_le
                  "rank": 2, "lq_iters": 2, "lrec": {"steps": 4, "batch_size": 8, "checkpoint_every": 0},
                  "eval_batch_size": 64}
 TINY_FILTER = {"references": 3, "downstream": {"steps": 5, "batch_size": 8}, "batch_size": 64}
+TINY_LORA = {"train": {"steps": 5, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 0},
+             "align": {"steps": 3, "batch_size": 8}, "eval_batch_size": 64}
 
 
 def _git(*args, cwd):
@@ -67,6 +69,8 @@ def clone(tmp_path_factory):
     (dst / "params/quantize.yaml").write_text(yaml.safe_dump(quantize))
     filt = yaml.safe_load((dst / "params/filter.yaml").read_text()) | TINY_FILTER
     (dst / "params/filter.yaml").write_text(yaml.safe_dump(filt))
+    lora = yaml.safe_load((dst / "params/lora.yaml").read_text()) | TINY_LORA
+    (dst / "params/lora.yaml").write_text(yaml.safe_dump(lora))
     _git("init", "-q", cwd=dst)
     _git("add", "-A", cwd=dst)
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny profile", cwd=dst)
@@ -80,7 +84,7 @@ def _repro(clone):
 def test_dvc_repro_then_nothing_to_do(clone):
     first = _repro(clone)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert all(f"Running stage '{s}'" in first.stdout for s in ("data", "base", "prune", "quantize", "filter"))
+    assert all(f"Running stage '{s}'" in first.stdout for s in ("data", "base", "prune", "quantize", "filter", "lora"))
     metrics = json.loads((clone / "metrics/base.json").read_text())
     assert set(metrics["accuracy"]) >= {"add", "sub", "mul"} and metrics["train"]["steps"] == 30
     assert (clone / "data/base/model.safetensors").exists() and (clone / "dvc.lock").exists()
@@ -90,6 +94,8 @@ def test_dvc_repro_then_nothing_to_do(clone):
     assert quantized["final"] == "lq_lora_lrec" and (clone / "data/quantized/quantization.json").exists()
     filtered = json.loads((clone / "metrics/filter.json").read_text())
     assert "meta_ranking" in filtered["detection"] and (clone / "data/filtered/filtered.jsonl").exists()
+    lora = json.loads((clone / "metrics/lora.json").read_text())
+    assert {"recovered", "full_lora"} <= set(lora["results"]) and (clone / "data/lora/adapter/adapter_config.json").exists()
     second = _repro(clone)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
 
@@ -106,7 +112,7 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
         from prefect.artifacts import Artifact
 
         artifact = Artifact.get("slimforge-stage-metrics")
-    assert set(results) == {"data", "base", "prune", "quantize", "filter"}
+    assert set(results) == {"data", "base", "prune", "quantize", "filter", "lora"}
     assert results["base"]["train"]["steps"] == 30
     assert artifact is not None and "accuracy_base" in str(artifact.data)
     import os
@@ -116,4 +122,4 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("slimforge.stage") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["slimforge.stage"] for r in children) == ["base", "data", "filter", "prune", "quantize"]
+    assert sorted(r.data.tags["slimforge.stage"] for r in children) == ["base", "data", "filter", "lora", "prune", "quantize"]

@@ -198,10 +198,22 @@ def test_stage_end_to_end(tmp_path, suite_dir, tokenizer, prune_weights):
     assert full["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 64)
     assert (tmp_path / "plots" / "loss.csv").read_text().splitlines()[0] == "step,loram,full_lora"
     assert not (tmp_path / ".checkpoints" / "lora").exists()
-    small, _ = __import__("slimforge.modeling", fromlist=["load_model"]).load_model(tmp_path / "pruned")
+    from slimforge.modeling import load_model
+
+    small, _ = load_model(tmp_path / "pruned")
     trained = load_file(tmp_path / "lora" / "pruned_adapter" / "adapter_model.safetensors")
     assert trained["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 32)
     assert small.model.layers[0].mlp.down_proj.in_features == 32
+    aligned, _ = load_model(tmp_path / "lora" / "pruned_model")  # the aligned model the pruned adapter belongs to
+    assert aligned.model.layers[0].mlp.down_proj.in_features == 32
+    assert not torch.equal(aligned.model.layers[1].mlp.up_proj.weight, small.model.layers[1].mlp.up_proj.weight)
+    with_adapter = load_adapter(aligned, tmp_path / "lora" / "pruned_adapter")
+    ids = torch.tensor([[1, 8, 5, 9, 3]])
+    with torch.no_grad():
+        adapted = with_adapter(input_ids=ids).logits
+        with with_adapter.disable_adapter():
+            plain = with_adapter(input_ids=ids).logits
+    assert (adapted - plain).abs().max() > 0  # the trained adapter loads onto the saved small model
 
 
 def test_stage_on_the_quantized_model_and_plain_lora(tmp_path, suite_dir, tokenizer):
@@ -218,6 +230,9 @@ def test_stage_on_the_quantized_model_and_plain_lora(tmp_path, suite_dir, tokeni
     m = run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "p",
             quantized_dir=tmp_path / "quantized")
     assert set(m["results"]) == {"pruned_adapter", "recovered"} and m["training"]["loram"]["trainable_params"] > 0
+    again, _ = load_model(tmp_path / "q" / "pruned_model")  # the packed small model, factors aligned
+    assert type(again.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+    load_adapter(again, tmp_path / "q" / "pruned_adapter")
     params = LoraParams.model_validate({**SMALL, "model": "base", "baselines": False})
     m = run(params, base_dir, tmp_path / "none", suite_dir, tmp_path / "plain", tmp_path / "m.json", tmp_path / "p")
     assert set(m["results"]) == {"lora"} and (tmp_path / "plain" / "adapter" / "adapter_config.json").exists()

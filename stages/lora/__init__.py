@@ -15,7 +15,8 @@ model, recover the adapters to the full model's shape, infer with the full model
 3. PEFT LoRA on it (checkpointed, resumable).
 4. Recovery (recover.py): every adapter matrix expanded along the pruned dimension with the plan,
    saved as a standard PEFT adapter of the base model (`data/lora/adapter`, the product) beside the
-   pruned model's own adapter (`data/lora/pruned_adapter`).
+   pruned model's own adapter (`data/lora/pruned_adapter`) and that (aligned) pruned model
+   (`data/lora/pruned_model`).
 5. Metrics for (a) pruned model + its adapter, (b) base + recovered adapter, loaded back with
    PeftModel.from_pretrained, (c) the untouched base, (d) LoRA trained on the full base with the same
    data, steps and seed; training memory and tokens/s of both trainings; loss curves.
@@ -38,7 +39,8 @@ from slimforge.evaluate import evaluate_suite
 from slimforge.io import atomic_dir, folder_hash, write_json, write_provenance
 from slimforge.modeling import load_model
 from slimforge.plots import write_curve
-from slimforge.pruning import PrunePlan, prune_model
+from slimforge.pruning import PrunePlan, prune_model, save_pruned
+from slimforge.quantized import save_quantized
 from slimforge.tasks.families import LORA_FAMILY
 from slimforge.tasks.records import load_records
 from slimforge.tracking import stage_run
@@ -135,9 +137,15 @@ def write_recovered(pruned_adapter: Path, plan: PrunePlan, base_ref: str, params
     state = recover_state(load_file(pruned_adapter / ADAPTER_FILE), plan, params.recovery.init,
                           params.recovery.std, params.seed)
     save_file({k: v.contiguous() for k, v in state.items()}, out / ADAPTER_FILE, metadata={"format": "pt"})
-    config = json.loads((pruned_adapter / "adapter_config.json").read_text())
+    shutil.copyfile(pruned_adapter / "adapter_config.json", out / "adapter_config.json")
+    _set_base_ref(out, base_ref)
+
+
+def _set_base_ref(adapter: Path, base_ref: str) -> None:
+    """Point adapter_config.json at the model the adapter belongs to."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = base_ref
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _fingerprint(params: LoraParams, *folders: Path | None) -> str:
@@ -196,7 +204,14 @@ def run(params: LoraParams, base_dir: str | Path, pruned_dir: str | Path, data_d
                 trained.save_pretrained(tmp / "adapter")
             else:
                 trained.save_pretrained(tmp / "pruned_adapter")
+                _set_base_ref(tmp / "pruned_adapter", str(out_dir / "pruned_model"))
                 write_recovered(tmp / "pruned_adapter", plan, str(base_dir), params, tmp / "adapter")
+                # The small model the pruned adapter belongs to (cut, aligned: saved nowhere else).
+                small = trained.unload()  # the adapters' layers removed, the frozen modules back
+                if params.model == "quantized":
+                    save_quantized(small, tokenizer, quantized_dir, tmp / "pruned_model")
+                else:
+                    save_pruned(small, tokenizer, plan, tmp / "pruned_model")
             write_provenance(tmp, "lora", params.model_dump(), parent=folder_hash(base_dir))
         del trained, small
         fresh, _ = load_model(base_dir, device=device)  # the product: untouched base + the saved adapter

@@ -276,3 +276,28 @@ def test_alignment_moves_the_pruned_residual_stream_towards_the_base(tmp_path, s
     report = align(pruned, params, suite_dir, tokenizer, tmp_path / "ck", "t", base, [])
     assert report["steps"] == 40 and residual_error() < 0.7 * before
     assert not any(p.requires_grad for p in pruned.parameters())  # frozen again for the adapters
+
+
+def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, suite_dir, tokenizer, monkeypatch):
+    import stages.lora as stage
+
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
+    params = LoraParams.model_validate({**SMALL, "baselines": False})
+    args = (params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "p")
+    real = stage.evaluate_suite
+
+    def killed(*a, **k):  # the process dies right after the LoRA training, before anything is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "evaluate_suite", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args)
+    assert not (tmp_path / "lora").exists() and (tmp_path / ".checkpoints" / "lora" / "loram").exists()
+    monkeypatch.setattr(stage, "evaluate_suite", real)
+    m = run(*args)
+    assert m["training"]["loram"]["resumed_from"] == 3  # checkpoint_every: 3 of 6 steps
+    run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "again", tmp_path / "m2.json", tmp_path / "p2")
+    resumed, straight = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("lora", "again"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in resumed)  # as if never killed

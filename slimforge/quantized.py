@@ -1,5 +1,5 @@
 """Quantized model folders: build, save, load and account for models whose linear layers are
-`kernels.lowbit.QuantLinear` (packed low-bit weights + optional low-rank correction).
+`kernels.quant_linear.QuantLinear` (packed low-bit weights + optional low-rank correction).
 
 Folder layout (written by the quantize stage):
 
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kernels.lowbit import QuantLinear
+from kernels.quant_linear import QuantLinear
 from kernels.lowbit_format import GROUPS, storage_bits_per_weight
 from slimforge import SlimforgeError
 

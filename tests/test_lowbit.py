@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.lowbit import QuantLinear, lowbit_linear
+from kernels.lowbit import lowbit_linear
+from kernels.quant_linear import QuantLinear
 from kernels.lowbit_format import (fake_quantize, pack, packed_words, quantize_groups, storage_bits_per_weight,
                                    unpack)
 from kernels.reference import lowbit_matmul_ref

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.logsoftmax_stats import token_logprobs
-from kernels.lowbit import QuantLinear
+from kernels.quant_linear import QuantLinear
 from slimforge.adapters import PROJECTIONS, add_lora
 from slimforge.evaluate.speed import llama3_8b_shape
 from slimforge.pruning import PrunePlan, prune_model

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.lowbit import padded_width
+from kernels.quant_linear import padded_width
 from slimforge import SlimforgeError
 from slimforge.batching import calibration_batches, encode_records
 from slimforge.evaluate import evaluate_suite

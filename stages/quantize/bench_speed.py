@@ -17,7 +17,7 @@ import json
 import torch
 from transformers import LlamaForCausalLM
 
-from kernels.lowbit import QuantLinear
+from kernels.quant_linear import QuantLinear
 from slimforge.evaluate.speed import decode_tok_s, llama3_8b_shape
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

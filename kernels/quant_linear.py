@@ -1,0 +1,133 @@
+"""QuantLinear: an nn.Linear replacement on the low-bit kernels (packed weight, optional trainable
+low-rank factors), used by the quantize stage's folders, QLoRA(M) training and the benchmarks.
+
+    from kernels.quant_linear import QuantLinear
+    layer = QuantLinear.from_linear(nn.Linear(4096, 4096), bits=4, group=128)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kernels.dispatch import use_triton
+from kernels.lowbit import lowbit_linear
+from kernels.lowbit_format import check_format, dequantize_groups, pack, packed_words, quantize_groups, unpack
+
+
+def padded_width(in_features: int, group: int) -> int:
+    """The packed weight's K: in_features rounded up to a multiple of the group."""
+    return -(-in_features // group) * group
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear replacement holding a packed low-bit weight (buffers packed, scale, zero; optional
+    bias buffer) and optional trainable low-rank factors `down` (r, K) and `up` (out, r), so that
+    y = x @ W_hat^T + (x @ down^T) @ up^T + bias.
+
+    in_features need not be a multiple of the group (pruned widths): the packed weight, scale, zero
+    and `down` then have K = packed_in_features = padded_width(in_features, group) columns, the
+    extra ones quantizing zero-padded weight columns, and forward pads x with zeros to K."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int, bias: bool = False,
+                 rank: int = 0, device=None, dtype: torch.dtype | None = None):
+        super().__init__()
+        check_format(bits, group)
+        dtype = dtype or torch.get_default_dtype()
+        k = padded_width(in_features, group)
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        self.packed_in_features = k
+        self.register_buffer("packed", torch.zeros(out_features, packed_words(bits, k), dtype=torch.int32, device=device))
+        self.register_buffer("scale", torch.ones(out_features, k // group, dtype=torch.float16, device=device))
+        self.register_buffer("zero", torch.zeros(out_features, k // group, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.down = nn.Parameter(torch.empty(rank, k, dtype=dtype, device=device)) if rank else None
+        self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device)) if rank else None
+        if rank:  # as PEFT inits LoRA: random A (down), zero B (up), so the layer starts at W_hat
+            nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed weight under the name PEFT looks for to place LoRA adapters on this layer's
+        device (QLoRAM wraps QuantLinear with peft's LoRA layer)."""
+        return self.packed
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0] if self.down is not None else 0
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bits: int, group: int, rank: int = 0, bias: bool = False,
+              device=None, dtype: torch.dtype | None = None) -> "QuantLinear":
+        """A layer of the right shapes to load a state dict into (e.g. from safetensors)."""
+        return cls(in_features, out_features, bits, group, bias=bias, rank=rank, device=device, dtype=dtype)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
+                       bias: torch.Tensor | None = None, down: torch.Tensor | None = None,
+                       up: torch.Tensor | None = None, in_features: int | None = None) -> "QuantLinear":
+        """From quantize_groups output (q uint8 (N, K), scale/zero fp16 (N, K/group)); `in_features`
+        (default K) is the layer's true input width when q quantizes zero-padded columns."""
+        n, k = q.shape
+        in_features = k if in_features is None else in_features
+        if padded_width(in_features, group) != k:
+            raise ValueError(f"q has {k} columns; in_features {in_features} with group {group} needs "
+                             f"{padded_width(in_features, group)}")
+        if (down is None) != (up is None):
+            raise ValueError("down and up must be given together (or neither)")
+        dtype = bias.dtype if bias is not None else (down.dtype if down is not None else None)
+        layer = cls(in_features, n, bits, group, bias=bias is not None, rank=0, device=q.device, dtype=dtype)
+        layer.packed.copy_(pack(q, bits))
+        layer.scale.copy_(scale)
+        layer.zero.copy_(zero)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        if down is not None:
+            if down.shape[1] != k or up.shape[0] != n:
+                raise ValueError(f"low-rank factors must be down (r, {k}) and up ({n}, r), got "
+                                 f"{tuple(down.shape)} and {tuple(up.shape)}")
+            # contiguous copies: what a reload from safetensors gives, so results match it bit for bit
+            layer.down = nn.Parameter(down.detach().clone(memory_format=torch.contiguous_format))
+            layer.up = nn.Parameter(up.detach().clone(memory_format=torch.contiguous_format))
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group: int, rank: int = 0) -> "QuantLinear":
+        """Round-to-nearest quantization of linear.weight (columns zero-padded to a multiple of the
+        group); rank > 0 adds PEFT-initialised factors (up = 0: the output starts at x @ W_hat^T)."""
+        w = linear.weight.detach()
+        k = padded_width(linear.in_features, group)
+        w = nn.functional.pad(w, (0, k - linear.in_features))
+        layer = cls.from_quantized(*quantize_groups(w, bits, group), bits, group, in_features=linear.in_features,
+                                   bias=linear.bias.detach() if linear.bias is not None else None)
+        if rank:
+            fresh = cls(linear.in_features, linear.out_features, bits, group, rank=rank, device=w.device, dtype=w.dtype)
+            layer.down, layer.up = fresh.down, fresh.up
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_hat (out, in_features) in `dtype` (materialised: for export and checks, not the forward)."""
+        w = dequantize_groups(unpack(self.packed, self.bits, self.packed_in_features), self.scale, self.zero,
+                              self.group, dtype)
+        return w[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        if self.packed_in_features != self.in_features:  # zero columns meet the padded weight
+            x = nn.functional.pad(x, (0, self.packed_in_features - self.in_features))
+        if x.dtype == torch.float32 and use_triton(x):
+            # An fp32 model (the embedded one) on CUDA: the kernels compute in fp16 with fp32
+            # accumulation, and the result goes back to fp32 for the rest of the model.
+            bias = self.bias.half() if self.bias is not None else None
+            return lowbit_linear(x.half(), self.packed, self.scale, self.zero, self.bits, self.group,
+                                 self.out_features, self.down, self.up, bias).float()
+        return lowbit_linear(x, self.packed, self.scale, self.zero, self.bits, self.group, self.out_features,
+                             self.down, self.up, self.bias)
+
+    def extra_repr(self) -> str:
+        pad = f" (packed {self.packed_in_features})" if self.packed_in_features != self.in_features else ""
+        return (f"in_features={self.in_features}{pad}, out_features={self.out_features}, bits={self.bits}, "
+                f"group={self.group}, rank={self.rank}, bias={self.bias is not None}")

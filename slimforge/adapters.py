@@ -21,6 +21,14 @@ from slimforge import SlimforgeError
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def check_projections(targets: list[str]) -> list[str]:
+    """`targets` as given, if a non-empty subset of PROJECTIONS (a params validator)."""
+    bad = [t for t in targets if t not in PROJECTIONS]
+    if bad or not targets:
+        raise ValueError(f"targets must be a non-empty subset of {', '.join(PROJECTIONS)}; unknown: {bad}")
+    return targets
+
+
 def linear_names(model: torch.nn.Module) -> set[str]:
     """Last names of the decoder's linear layers (dense or packed), e.g. {'q_proj', ...}."""
     return {n.split(".")[-1] for n, m in model.named_modules()
@@ -44,6 +52,11 @@ def lora_config(model: torch.nn.Module, rank: int, alpha: float, targets: list[s
     check_targets(model, targets)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
                         bias="none", task_type="CAUSAL_LM", init_lora_weights=init)
+    return _for_packed_layers(config, model)
+
+
+def _for_packed_layers(config: LoraConfig, model: torch.nn.Module) -> LoraConfig:
+    """Let PEFT wrap QuantLinear with its plain LoRA layer, where the model has packed layers."""
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         config._register_custom_module({QuantLinear: LoraLinear})
     return config
@@ -64,9 +77,7 @@ def load_adapter(model: torch.nn.Module, folder: str | Path) -> PeftModel:
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise SlimforgeError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
-    config = LoraConfig.from_pretrained(folder)
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        config._register_custom_module({QuantLinear: LoraLinear})
+    config = _for_packed_layers(LoraConfig.from_pretrained(folder), model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unsupported layer type")
         return PeftModel.from_pretrained(model, folder, config=config, is_trainable=False)

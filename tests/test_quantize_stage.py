@@ -14,7 +14,8 @@ from slimforge.tasks.records import load_records
 from slimforge.training import train_causal_lm
 from stages.quantize import pad_columns, run
 from stages.quantize.decompose import lq_decompose
-from stages.quantize.params import LINEARS, QuantizeParams
+from slimforge.adapters import PROJECTIONS
+from stages.quantize.params import QuantizeParams
 from tests.helpers import save_tiny, tiny_model
 
 SMALL = {"calibration": {"samples": 8, "max_len": 32, "batch_size": 1}, "rank": 4, "lq_iters": 3,
@@ -22,9 +23,9 @@ SMALL = {"calibration": {"samples": 8, "max_len": 32, "batch_size": 1}, "rank": 
 
 
 def _quantized(model, bits=2, group=32, rank=4):
-    formats = {n: (bits, group) for n in target_linears(model, list(LINEARS))}
+    formats = {n: (bits, group) for n in target_linears(model, list(PROJECTIONS))}
     decomposed = {}
-    for n, m in target_linears(model, list(LINEARS)).items():
+    for n, m in target_linears(model, list(PROJECTIONS)).items():
         decomposed[n] = lq_decompose(pad_columns(m.weight.detach(), group), bits, group, rank=rank, iters=3)
     return quantize_model(model, decomposed, formats)
 

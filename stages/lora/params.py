@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from slimforge.adapters import PROJECTIONS
+from slimforge.adapters import PROJECTIONS, check_projections
 from slimforge.config import Schema
 
 
@@ -71,7 +71,4 @@ class LoraParams(Schema):
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in PROJECTIONS]
-        if bad or not v:
-            raise ValueError(f"targets must be a non-empty subset of {', '.join(PROJECTIONS)}; unknown: {bad}")
-        return v
+        return check_projections(v)

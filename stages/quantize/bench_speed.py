@@ -18,15 +18,15 @@ import torch
 from transformers import LlamaForCausalLM
 
 from kernels.quant_linear import QuantLinear
+from slimforge.adapters import PROJECTIONS
 from slimforge.evaluate.speed import decode_tok_s, llama3_8b_shape
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def quantized_copy(dense: torch.nn.Module, bits: int, group: int, rank: int) -> torch.nn.Module:
     model = copy.deepcopy(dense)
     for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in LINEARS:
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in PROJECTIONS:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, bits, group, rank=rank))
     torch.cuda.empty_cache()

@@ -7,9 +7,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from kernels.lowbit_format import BITS, GROUPS
+from slimforge.adapters import PROJECTIONS, check_projections
 from slimforge.config import Schema
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class Calibration(Schema):
@@ -53,7 +53,7 @@ class QuantizeParams(Schema):
     lq_iters: int = Field(10, ge=1, description="LQ-LoRA alternations at most (stops when the error rises)")
     fisher: bool = Field(True, description="weight decomposition and allocation errors by the diagonal "
                          "Fisher (squared gradients on calibration data), row/column factorised")
-    targets: list[str] = Field(list(LINEARS), description=f"linear layers to quantize, among {LINEARS}")
+    targets: list[str] = Field(list(PROJECTIONS), description=f"linear layers to quantize, among {PROJECTIONS}")
     calibration: Calibration = Field(Calibration(), description="calibration data (Fisher)")
     lrec: Lrec = Field(Lrec(), description="INT2.1 low-rank error correction against the teacher")
     compare: bool = Field(True, description="also evaluate round-to-nearest and the untrained decomposition "
@@ -86,7 +86,4 @@ class QuantizeParams(Schema):
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in LINEARS]
-        if bad or not v:
-            raise ValueError(f"targets must be a non-empty subset of {', '.join(LINEARS)}; unknown: {bad}")
-        return v
+        return check_projections(v)

@@ -30,7 +30,7 @@ from slimforge import SlimforgeError
 from slimforge.batching import encode_records
 from slimforge.io import atomic_dir, read_jsonl, write_json, write_jsonl, write_provenance
 from slimforge.modeling import load_model
-from slimforge.tasks.records import load_records
+from slimforge.tasks.records import load_records, resolve
 from slimforge.tracking import stage_run
 from slimforge.training import train_causal_lm
 from stages.filter.downstream import lora_accuracy
@@ -40,12 +40,6 @@ from stages.filter.ranking import calibrate_threshold, detection, draw_reference
 
 LABELS_FILE = "noisy_labels.jsonl"
 CHUNK = 1024  # targets judged (and cached) at a time
-
-
-def resolve(data_dir: Path, name: str) -> Path:
-    """A suite file name inside the data folder, or a path the user gave."""
-    path = Path(name)
-    return path if path.is_absolute() or path.exists() else data_dir / name
 
 
 def load_pool(path: Path) -> list[dict]:

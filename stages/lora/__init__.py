@@ -42,18 +42,13 @@ from slimforge.plots import write_curve
 from slimforge.pruning import PrunePlan, prune_model, save_pruned
 from slimforge.quantized import save_quantized
 from slimforge.tasks.families import LORA_FAMILY
-from slimforge.tasks.records import load_records
+from slimforge.tasks.records import load_records, resolve
 from slimforge.tracking import stage_run
 from slimforge.training import train_causal_lm
 from stages.lora.params import LoraParams
 from stages.lora.recover import recover_state
 
 ADAPTER_FILE = "adapter_model.safetensors"
-
-
-def resolve(folder: Path, name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() or path.exists() else folder / name
 
 
 def training_rows(params: LoraParams, data_dir: Path, filtered_dir: Path | None) -> list[dict]:
@@ -217,13 +212,12 @@ def run(params: LoraParams, base_dir: str | Path, pruned_dir: str | Path, data_d
         fresh, _ = load_model(base_dir, device=device)  # the product: untouched base + the saved adapter
         results["recovered" if params.model != "base" else "lora"] = _summary(evaluate(load_adapter(fresh, out_dir / "adapter")))
 
-        if params.baselines and params.model != "base":
-            full, _ = load_model(base_dir, device=device)
-            full.requires_grad_(False)
-            trained, training["full_lora"] = train_lora(full, examples, tokenizer.pad_token_id, params,
+        if params.baselines and params.model != "base":  # `base` is still untouched (only read as teacher)
+            base.requires_grad_(False)
+            trained, training["full_lora"] = train_lora(base, examples, tokenizer.pad_token_id, params,
                                                         ckpt / "full_lora", fingerprint, log("full_lora"))
             results["full_lora"] = _summary(evaluate(trained))
-            del trained, full
+            del trained
 
         metrics = {"model": params.model, "prune_weights": params.prune_weights if params.model == "pruned" else None,
                    "train_rows": len(examples), "results": results,

@@ -27,9 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kernels.quant_linear import QuantLinear
 from kernels.lowbit_format import GROUPS, storage_bits_per_weight
+from kernels.quant_linear import QuantLinear
 from slimforge import SlimforgeError
+from slimforge.adapters import PROJECTIONS
 
 FORMAT = "slimforge-lowbit-1"
 META_FILE = "quantization.json"
@@ -67,6 +68,14 @@ def quantize_model(model: torch.nn.Module, decomposed: dict, formats: dict[str, 
         new = QuantLinear.from_quantized(d.q, d.scale, d.zero, bits, group, bias=bias, down=d.down, up=d.up,
                                          in_features=old.in_features)
         _set_module(model, name, new.to(old.weight.device))
+    return model
+
+
+def pack_linears(model: torch.nn.Module, bits: int, group: int, rank: int = 0) -> torch.nn.Module:
+    """Round-to-nearest: every decoder projection becomes a QuantLinear, in place (the benchmarks'
+    models, whose speed and memory do not depend on the values)."""
+    for name, module in target_linears(model, list(PROJECTIONS)).items():
+        _set_module(model, name, QuantLinear.from_linear(module, bits, group, rank=rank))
     return model
 
 

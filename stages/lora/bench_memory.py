@@ -25,10 +25,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.logsoftmax_stats import token_logprobs
-from kernels.quant_linear import QuantLinear
 from slimforge.adapters import PROJECTIONS, add_lora
 from slimforge.evaluate.speed import llama3_8b_shape
 from slimforge.pruning import PrunePlan, prune_model
+from slimforge.quantized import pack_linears
 
 
 def llama32_1b_shape() -> LlamaConfig:
@@ -46,15 +46,6 @@ def uniform_plan(config, sparsity: float) -> PrunePlan:
         lp.q_heads = list(range(kv * group))
         lp.channels = list(range(int(plan.intermediate_size * (1 - sparsity)) // 128 * 128))
     return plan
-
-
-def packed(model: torch.nn.Module, bits: int) -> torch.nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in PROJECTIONS:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, bits, 128))
-            del module
-    return model
 
 
 def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -109,7 +100,7 @@ def build(config, kind: str, sparsity: float) -> torch.nn.Module:
         model = prune_model(model, uniform_plan(config, sparsity))
         model.requires_grad_(False)
     if kind.startswith("qloram"):
-        model = packed(model, int(kind[-1]))
+        model = pack_linears(model, int(kind[-1]), 128)
     gc.collect()
     torch.cuda.empty_cache()
     return model

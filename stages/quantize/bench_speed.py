@@ -17,20 +17,9 @@ import json
 import torch
 from transformers import LlamaForCausalLM
 
-from kernels.quant_linear import QuantLinear
-from slimforge.adapters import PROJECTIONS
 from slimforge.evaluate.speed import decode_tok_s, llama3_8b_shape
+from slimforge.quantized import pack_linears
 
-
-
-def quantized_copy(dense: torch.nn.Module, bits: int, group: int, rank: int) -> torch.nn.Module:
-    model = copy.deepcopy(dense)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in PROJECTIONS:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantLinear.from_linear(module, bits, group, rank=rank))
-    torch.cuda.empty_cache()
-    return model
 
 
 def main() -> None:
@@ -54,7 +43,8 @@ def main() -> None:
     print(f"{'model':22s} " + " ".join(f"{'b' + str(b):>16s}" for b in batches))
     print(f"{'bf16':22s} " + " ".join(f"{base[b]:9.1f} (1.00x)" for b in batches))
     for bits, rank in ((4, 0), (2, 0), (2, 64)):
-        model = quantized_copy(dense, bits, args.group, rank)
+        model = pack_linears(copy.deepcopy(dense), bits, args.group, rank)
+        torch.cuda.empty_cache()
         tok = {b: decode_tok_s(model, b, 128, args.new) for b in batches}
         label = f"W{bits} g{args.group}" + (f" + rank {rank}" if rank else "")
         results["rows"].append({"model": label, **{f"b{b}": tok[b] for b in batches},

@@ -151,6 +151,7 @@ def test_recovered_adapter_reloads_with_peft_in_a_fresh_process(tmp_path, suite_
     config = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base_dir) and config["r"] == 4
     assert not config.get("modules_to_save") and config["bias"] == "none"
+    assert config["target_modules"] == sorted(PROJECTIONS)  # a stable order: the folder hashes the same every run
 
 
 def test_qloram_gradients_reach_only_the_adapters(tokenizer):

@@ -137,9 +137,13 @@ def write_recovered(pruned_adapter: Path, plan: PrunePlan, base_ref: str, params
 
 
 def _set_base_ref(adapter: Path, base_ref: str) -> None:
-    """Point adapter_config.json at the model the adapter belongs to."""
+    """Point adapter_config.json at the model the adapter belongs to. Also sorts target_modules:
+    PEFT writes them from a set, in an order that changes with Python's hash seed, and the folder
+    must hash the same on every run for dvc.lock."""
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = base_ref
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -197,6 +201,7 @@ def run(params: LoraParams, base_dir: str | Path, pruned_dir: str | Path, data_d
         with atomic_dir(out_dir) as tmp:
             if params.model == "base":
                 trained.save_pretrained(tmp / "adapter")
+                _set_base_ref(tmp / "adapter", str(base_dir))
             else:
                 trained.save_pretrained(tmp / "pruned_adapter")
                 _set_base_ref(tmp / "pruned_adapter", str(out_dir / "pruned_model"))

@@ -71,6 +71,21 @@ def test_judge_items_have_equal_exposure_and_balanced_verdicts():
         assert 0.35 < share < 0.65, (fmt, verdicts)
 
 
+def test_held_out_family_appears_only_inside_judge_prompts():
+    """judge_families may name add3: the base then sees add3 in judge items (both formats), never as a
+    problem it is trained to answer; the default keeps judge items on the base families."""
+    from slimforge.tasks.suite import build_suite
+    files, _ = build_suite(seed=0, n_train={"add": 50, "sub": 50, "mul": 50}, n_val=5, n_test=5, n_judge_train=400,
+                           n_judge_test=40, n_lora=(5, 5, 5), n_rl=(5, 5), noisy_families=("add3",), n_noisy=10,
+                           wrong_fraction=0.3, n_references=10, judge_families=("add", "add3"))
+    fams = Counter((r["family"], r["format"]) for r in files["judge_train.jsonl"])
+    assert set(fams) == {(f"judge_{fmt}_{fam}", fmt) for fam in ("add", "add3") for fmt in ("verify", "pairwise")}
+    assert fams[("judge_verify_add3", "verify")] == fams[("judge_pairwise_add3", "pairwise")] == 100
+    assert all(r["family"] in ("add", "sub", "mul") for r in files["train.jsonl"])
+    default, _ = small_suite()
+    assert {r["family"].split("_")[-1] for r in default["judge_train.jsonl"]} == {"add", "sub", "mul"}
+
+
 def test_judge_verdicts_are_right():
     """The verdict in every judge item agrees with recomputing the arithmetic it shows."""
     files, _ = small_suite()

@@ -14,7 +14,8 @@ embedded suite does):
 Files (under the data stage's output folder):
 
     train.jsonl, val.jsonl, test.jsonl          base families (add, sub, mul)
-    judge_train.jsonl, judge_test.jsonl         judge items, verify and pairwise in equal numbers
+    judge_train.jsonl, judge_test.jsonl         judge items, verify and pairwise in equal numbers, over
+                                                the judge families (default add, sub, mul)
     lora_train.jsonl, lora_val.jsonl, lora_test.jsonl   held-out LoRA family (add3)
     rl_train.jsonl, rl_test.jsonl               held-out multi-step family with verifier (chain)
     noisy.jsonl                                 instruction set, ~30% wrong responses, no answers
@@ -53,7 +54,9 @@ def judge_records(families: tuple[str, ...], split: str, n: int, gross_fraction:
     the wrong answers are gross errors (see `corrupt`)."""
     out = []
     for i in range(n):
-        fam = families[i % len(families)]
+        # Formats alternate (i % 2). With an odd number of families i % len already gives every
+        # family both formats equally; with an even number it would give each family one format only.
+        fam = families[i % len(families) if len(families) % 2 else (i // 2) % len(families)]
         (p, v), = sample_problems(fam, split, 1, rng, unique=False)
         gross = rng.random() < gross_fraction
         if i % 2 == 0:
@@ -101,10 +104,13 @@ def reference_records(families: tuple[str, ...], n: int, gross_fraction: float, 
 def build_suite(seed: int, n_train: dict[str, int], n_val: int, n_test: int, n_judge_train: int,
                 n_judge_test: int, n_lora: tuple[int, int, int], n_rl: tuple[int, int],
                 noisy_families: tuple[str, ...], n_noisy: int, wrong_fraction: float,
-                n_references: int, gross_fraction: float = 0.5) -> tuple[dict[str, list[dict]], list[dict]]:
+                n_references: int, gross_fraction: float = 0.5,
+                judge_families: tuple[str, ...] = BASE_FAMILIES) -> tuple[dict[str, list[dict]], list[dict]]:
     """All suite files as {filename: records}, plus the sidecar labels. Deterministic in `seed`:
     each file draws from its own generator, so resizing one file leaves the others unchanged.
-    `gross_fraction` of the wrong answers (judge items, noisy set, references) are gross errors."""
+    `gross_fraction` of the wrong answers (judge items, noisy set, references) are gross errors.
+    `judge_families`: the families the judge items show; a held-out family listed here appears in
+    pretraining only inside judge prompts, never as a problem the model is trained to answer."""
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}:{name}")
 
@@ -116,9 +122,9 @@ def build_suite(seed: int, n_train: dict[str, int], n_val: int, n_test: int, n_j
     files["train.jsonl"] = train
     files["val.jsonl"] = [r for fam in BASE_FAMILIES for r in task_records(fam, "val", n_val, rng(f"val:{fam}"), unique=True)]
     files["test.jsonl"] = [r for fam in BASE_FAMILIES for r in task_records(fam, "test", n_test, rng(f"test:{fam}"), unique=True)]
-    files["judge_train.jsonl"] = judge_records(BASE_FAMILIES, "train", n_judge_train, gross_fraction,
+    files["judge_train.jsonl"] = judge_records(judge_families, "train", n_judge_train, gross_fraction,
                                                rng("judge_train"))
-    files["judge_test.jsonl"] = judge_records(BASE_FAMILIES, "test", n_judge_test, gross_fraction,
+    files["judge_test.jsonl"] = judge_records(judge_families, "test", n_judge_test, gross_fraction,
                                               rng("judge_test"))
     for split, n in zip(("train", "val", "test"), n_lora):
         files[f"lora_{split}.jsonl"] = task_records(LORA_FAMILY, split, n, rng(f"lora:{split}"), unique=True)

@@ -28,7 +28,8 @@ def run(params: DataParams, out_dir: str | Path, labels_dir: str | Path, metrics
             n_lora=(params.lora.train, params.lora.val, params.lora.test),
             n_rl=(params.rl.train, params.rl.test), noisy_families=tuple(params.noisy.families),
             n_noisy=params.noisy.size, wrong_fraction=params.noisy.wrong_fraction,
-            n_references=params.references, gross_fraction=params.gross_fraction)
+            n_references=params.references, gross_fraction=params.gross_fraction,
+            judge_families=tuple(params.judge_families))
         user = dict(params.user_files)
         if LABELS_FILE in user:
             labels = load_labels(user.pop(LABELS_FILE))

@@ -20,6 +20,13 @@ class RlSizes(Schema):
     test: int = Field(500, ge=1, description="chain test problems")
 
 
+def known_families(v: list[str]) -> list[str]:
+    bad = [f for f in v if f not in FAMILIES]
+    if bad or not v:
+        raise ValueError(f"unknown or empty families {bad} (allowed: {', '.join(FAMILIES)})")
+    return v
+
+
 class NoisySet(Schema):
     families: list[str] = Field(["add3"], description="families the instruction set draws from")
     size: int = Field(3000, ge=1, description="number of instruction records")
@@ -28,10 +35,7 @@ class NoisySet(Schema):
     @field_validator("families")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        bad = [f for f in v if f not in FAMILIES]
-        if bad or not v:
-            raise ValueError(f"unknown or empty families {bad} (allowed: {', '.join(FAMILIES)})")
-        return v
+        return known_families(v)
 
 
 class DataParams(Schema):
@@ -43,6 +47,10 @@ class DataParams(Schema):
     test_per_family: int = Field(500, ge=1, description="unique test problems per base family (fewer "
                                  "where the family's test split is smaller, e.g. mul)")
     judge_train: int = Field(20000, ge=0, description="judge items in pretraining, half of each format")
+    judge_families: list[str] = Field(
+        ["add", "sub", "mul"], description="families the judge items show. A held-out family listed here "
+        "(e.g. add3, the filter's and the LoRA's) appears only inside judge prompts: the base learns to "
+        "judge it, never to answer it")
     judge_test: int = Field(1000, ge=0, description="held-out judge items, half of each format")
     lora: LoraSizes = Field(LoraSizes(), description="held-out LoRA family (add3) sizes")
     rl: RlSizes = Field(RlSizes(), description="held-out RL family (chain) sizes")
@@ -54,6 +62,11 @@ class DataParams(Schema):
         "teach a tiny model to judge at all; subtle ones keep it a weak judge")
     user_files: dict[str, str] = Field(
         {}, description="replace suite files with your own JSONL, e.g. {test.jsonl: user_data/my_test.jsonl}")
+
+    @field_validator("judge_families")
+    @classmethod
+    def _judge_known(cls, v: list[str]) -> list[str]:
+        return known_families(v)
 
     @field_validator("train_per_family")
     @classmethod

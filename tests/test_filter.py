@@ -3,6 +3,7 @@ calibration, the judge prompts through the tokenizer, resumable scores, the stag
 tiny model, proof that filtering never reads the sidecar labels, and bad input."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from slimforge import SlimforgeError
 from slimforge.tasks.judge import pairwise_prompt, verdict_ids
 from stages.filter import meta_scores, run
 from stages.filter.params import FilterParams
-from stages.filter.ranking import calibrate_threshold, debiased_win, detection, draw_references, vote
+from stages.filter.ranking import (calibrate_threshold, debiased_win, detection, draw_references, ranking_auc,
+                                   vote)
 from slimforge.io import write_jsonl
 from tests.conftest import small_suite
 from tests.helpers import save_tiny, tiny_model
@@ -57,6 +59,29 @@ def test_threshold_calibration_and_detection():
     assert -0.2 < t <= 0.1
     m = detection([s < t for s in scores], [not c for c in correct])
     assert m == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+
+
+def test_ranking_auc_matches_counting_every_pair():
+    rng = random.Random(3)
+    scores = [round(rng.random(), 1) for _ in range(120)]  # rounded: many ties
+    wrong = [rng.random() < 0.3 for _ in range(120)]
+    right_s = [s for s, w in zip(scores, wrong) if not w]
+    wrong_s = [s for s, w in zip(scores, wrong) if w]
+    brute = sum((a > b) + 0.5 * (a == b) for a in right_s for b in wrong_s) / (len(right_s) * len(wrong_s))
+    assert ranking_auc(scores, wrong) == pytest.approx(brute)
+    assert ranking_auc([0.9, 0.8, 0.1], [False, False, True]) == 1.0
+    assert ranking_auc([0.1, 0.8, 0.9], [False, True, True]) == 0.0
+
+
+def test_a_judge_without_skill_on_the_pool_keeps_every_row():
+    from stages.filter import pool_threshold
+    correct = [i % 2 == 0 for i in range(40)]
+    inverted = [0.0 if c else 1.0 for c in correct]  # scores wrong rows higher: worse than no skill
+    assert pool_threshold(inverted, correct, 0.6) == (None, 0.0)
+    skilled = [1.0 if c else 0.0 for c in correct]
+    threshold, auc = pool_threshold(skilled, correct, 0.6)
+    assert auc == 1.0 and 0.0 < threshold <= 1.0
+    assert pool_threshold(inverted, correct, 0.0)[0] is not None  # 0 turns the check off
 
 
 def test_judge_prompt_round_trips_through_the_tokenizer(tokenizer):
@@ -107,7 +132,8 @@ def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_d
     assert label_reads and min(label_reads) >= max(filtered_at)  # only after the outputs were written
     assert set(m["detection"]) == {"meta_ranking", "direct", "perplexity", "keep_all"}
     assert m["detection"]["keep_all"]["recall"] == 0.0 and len(m["rounds"]) == 2
-    assert set(m["downstream_accuracy"]) == {"meta_ranking", "direct", "keep_all"}
+    assert set(m["downstream_accuracy"]) == {"meta_ranking", "direct", "keep_all", "oracle"}
+    assert all(0.0 <= m["detection"][k]["auc"] <= 1.0 for k in ("meta_ranking", "direct", "perplexity"))
     rows = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
     kept = (tmp_path / "out" / "filtered.jsonl").read_text().splitlines()
     assert len(rows) == m["targets"] and sum(r["kept"] for r in rows) == len(kept)

@@ -6,14 +6,17 @@
 1. The judge (the base model unless `judge` names another folder) compares every target
    (query, response) with N labelled references from the pool, both orders, reading ' A'/' B'
    from next-token log-probs (fused kernel, batched). A weighted vote gives a reliability score;
-   rows at or above the threshold (calibrated on the pool) are kept. Scores are appended to a
+   rows at or above the threshold (calibrated on the pool) are kept -- unless the score separates
+   the pool's own right and wrong rows with AUC below `min_pool_auc`: then the judge has no skill
+   here and every row is kept (a no-skill judge removes rows at random, which only costs data). Scores are appended to a
    cache as they come, so a killed run resumes where it stopped.
 2. `rounds` > 1: fine-tune the judge briefly on what was kept, judge again.
 3. Baselines with the same judge: keep everything; direct single-response judging (P(' yes'));
    perplexity filtering; thresholds calibrated on the same pool.
 4. Only after the filtered data is written are the sidecar labels read, to score every method
    (precision/recall/F1 of catching wrong rows); the filtering code never receives them.
-5. Downstream: the same LoRA recipe on the kept rows and on all rows, exact match on a test file.
+5. Downstream: the same LoRA recipe on the kept rows and on all rows, exact match on a test file;
+   with labels, also on the truly correct rows only (`oracle`: what a perfect filter would reach).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from slimforge.training import train_causal_lm
 from stages.filter.downstream import lora_accuracy
 from stages.filter.judge import direct_probs, mean_logprob, pairwise_win_probs
 from stages.filter.params import FilterParams
-from stages.filter.ranking import calibrate_threshold, detection, draw_references, vote
+from stages.filter.ranking import calibrate_threshold, detection, draw_references, ranking_auc, vote
 
 LABELS_FILE = "noisy_labels.jsonl"
 CHUNK = 1024  # targets judged (and cached) at a time
@@ -75,30 +78,45 @@ def meta_scores(judge, tokenizer, targets: list[dict], pool: list[dict], n: int,
     return scores
 
 
+def pool_threshold(pool_scores: list[float], correct: list[bool], min_pool_auc: float) -> tuple[float | None, float]:
+    """(threshold, the score's AUC on the pool). The threshold is None -- keep every row -- when the
+    score does not separate the pool's right and wrong rows at least `min_pool_auc`: a judge with no
+    skill on this data would otherwise throw rows away at random (or worse, inverted)."""
+    auc = ranking_auc(pool_scores, [not c for c in correct])
+    if not auc >= min_pool_auc:
+        return None, auc
+    return calibrate_threshold(pool_scores, correct), auc
+
+
+def _keep(scores: torch.Tensor, threshold: float | None) -> list[bool]:
+    return [True] * len(scores) if threshold is None else (scores >= threshold).tolist()
+
+
 def filter_rows(judge, tokenizer, targets: list[dict], pool: list[dict], params: FilterParams, cache_dir: Path,
                 round_: int) -> dict:
     """One Meta Ranking pass: pool-calibrated threshold, target scores, keep mask. No labels here."""
     correct = [p["correct"] for p in pool]
+    pool_auc = None
     if params.threshold is None:
         pool_scores = meta_scores(judge, tokenizer, pool, pool, params.references, params.balanced, params.seed + 1,
                                   params.batch_size, exclude=list(range(len(pool))))
-        threshold = calibrate_threshold(pool_scores.tolist(), correct)
+        threshold, pool_auc = pool_threshold(pool_scores.tolist(), correct, params.min_pool_auc)
     else:
         threshold = params.threshold
     started = time.perf_counter()
     scores = meta_scores(judge, tokenizer, targets, pool, params.references, params.balanced, params.seed,
                          params.batch_size, cache=cache_dir / f"scores-round{round_}.jsonl")
     seconds = time.perf_counter() - started
-    return {"scores": scores, "threshold": threshold, "kept": (scores >= threshold).tolist(),
+    return {"scores": scores, "threshold": threshold, "pool_auc": pool_auc, "kept": _keep(scores, threshold),
             "pairs_per_s": len(targets) * params.references / max(seconds, 1e-9)}
 
 
-def baseline(score_fn, judge, tokenizer, targets, pool, batch_size) -> dict:
-    """A single-response score with its threshold calibrated on the pool."""
-    threshold = calibrate_threshold(score_fn(judge, tokenizer, pool, batch_size).tolist(),
-                                    [p["correct"] for p in pool])
+def baseline(score_fn, judge, tokenizer, targets, pool, batch_size, min_pool_auc: float) -> dict:
+    """A single-response score with its threshold calibrated on the pool (same skill check)."""
+    threshold, pool_auc = pool_threshold(score_fn(judge, tokenizer, pool, batch_size).tolist(),
+                                         [p["correct"] for p in pool], min_pool_auc)
     scores = score_fn(judge, tokenizer, targets, batch_size)
-    return {"scores": scores, "threshold": threshold, "kept": (scores >= threshold).tolist()}
+    return {"scores": scores, "threshold": threshold, "pool_auc": pool_auc, "kept": _keep(scores, threshold)}
 
 
 def finetune_judge(judge, tokenizer, rows: list[dict], params: FilterParams, ckpt: Path) -> None:
@@ -143,13 +161,19 @@ def run(params: FilterParams, base_dir: str | Path, data_dir: str | Path, out_di
                 finetune_judge(judge, tokenizer, [t for t, k in zip(targets, meta["kept"]) if k], params, ckpt / "ft")
                 judge.eval()
             meta = filter_rows(judge, tokenizer, targets, pool, params, ckpt, r)
-            history.append({"round": r + 1, "threshold": meta["threshold"], "kept_fraction": sum(meta["kept"]) / len(targets)})
+            history.append({"round": r + 1, "threshold": meta["threshold"], "pool_auc": meta["pool_auc"],
+                            "kept_fraction": sum(meta["kept"]) / len(targets)})
+            if meta["threshold"] is None:
+                print(f"filter: round {r + 1}: the judge separates the pool's right and wrong rows with AUC "
+                      f"{meta['pool_auc']:.3f} < min_pool_auc {params.min_pool_auc}: keeping every row")
         methods["meta_ranking"] = meta
         seconds = time.perf_counter() - started
         if params.baselines:
             judge, tokenizer = load_model(judge_dir, device=device)  # the untouched judge, as meta round 1 had
-            methods["direct"] = baseline(direct_probs, judge, tokenizer, targets, pool, params.batch_size)
-            methods["perplexity"] = baseline(mean_logprob, judge, tokenizer, targets, pool, params.batch_size)
+            methods["direct"] = baseline(direct_probs, judge, tokenizer, targets, pool, params.batch_size,
+                                         params.min_pool_auc)
+            methods["perplexity"] = baseline(mean_logprob, judge, tokenizer, targets, pool, params.batch_size,
+                                             params.min_pool_auc)
             methods["keep_all"] = {"kept": [True] * len(targets), "threshold": None}
         ids = [t.get("id", str(i)) for i, t in enumerate(targets)]
         with atomic_dir(out_dir) as tmp:
@@ -160,6 +184,7 @@ def run(params: FilterParams, base_dir: str | Path, data_dir: str | Path, out_di
                 for j, (i, k) in enumerate(zip(ids, meta["kept"]))])
             write_provenance(tmp, "filter", params.model_dump(), parent=None)
         metrics = {"kept_fraction": sum(meta["kept"]) / len(targets), "threshold": meta["threshold"],
+                   "pool_auc": {name: m["pool_auc"] for name, m in methods.items() if m.get("pool_auc") is not None},
                    "pairs_per_s": meta["pairs_per_s"], "seconds": seconds, "rounds": history,
                    "targets": len(targets), "references": params.references}
         # The labels are read only now, after the filtered data exists, to score each method.
@@ -167,16 +192,20 @@ def run(params: FilterParams, base_dir: str | Path, data_dir: str | Path, out_di
             truth = {r["id"]: r["correct"] for r in read_jsonl(Path(labels_dir) / LABELS_FILE)}
             wrong = [not truth[i] for i in ids]
             metrics["detection"] = {name: {**detection([not k for k in m["kept"]], wrong),
-                                           "kept_fraction": sum(m["kept"]) / len(targets)}
+                                           "kept_fraction": sum(m["kept"]) / len(targets),
+                                           **({"auc": ranking_auc(m["scores"].tolist(), wrong)} if "scores" in m else {})}
                                     for name, m in methods.items()}
             metrics["wrong_fraction"] = sum(wrong) / len(wrong)
         ds = params.downstream
         if ds.steps > 0:
             tests = load_records(resolve(data_dir, ds.test_file), need_answer=True)
+            kept = {name: methods[name]["kept"] for name in ("meta_ranking", "direct", "keep_all") if name in methods}
+            if "wrong_fraction" in metrics:  # the upper bound a perfect filter reaches (evaluation only)
+                kept["oracle"] = [not w for w in wrong]
             acc = {}
-            for name in ("meta_ranking", "direct", "keep_all"):
-                if name in methods:
-                    rows = [t for t, k in zip(targets, methods[name]["kept"]) if k]
+            for name, keep in kept.items():
+                if any(keep):
+                    rows = [t for t, k in zip(targets, keep) if k]
                     acc[name] = lora_accuracy(base_dir, rows, tests, steps=ds.steps, rank=ds.rank, lr=ds.lr,
                                               batch_size=ds.batch_size, seed=params.seed,
                                               checkpoint_dir=ckpt / f"lora-{name}", device=device)

@@ -32,6 +32,9 @@ class FilterParams(Schema):
     balanced: bool = Field(True, description="draw ceil(N/2) correct and floor(N/2) wrong references")
     threshold: float | None = Field(None, description="keep when the score reaches this; null: calibrated "
                                     "on the pool (best Youden J at catching its wrong rows)")
+    min_pool_auc: float = Field(0.6, ge=0.0, le=1.0, description="skill check of a calibrated threshold: when "
+                                "the score separates the pool's right and wrong rows with a lower AUC, keep every "
+                                "row (0: never)")
     rounds: int = Field(1, ge=1, description="filter rounds; between rounds the judge is fine-tuned briefly "
                         "on what was kept")
     finetune: Finetune = Field(Finetune(), description="the judge's fine-tune between rounds")

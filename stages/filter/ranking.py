@@ -91,3 +91,20 @@ def calibrate_threshold(scores: list[float], correct: list[bool]) -> float:
         if caught - lost > best_j + 1e-12:
             best_t, best_j = t, caught - lost
     return best_t
+
+
+def ranking_auc(scores: list[float], wrong: list[bool]) -> float:
+    """Probability that a right row scores above a wrong one (ties count half): how well a score
+    separates them whatever the threshold. 0.5 is no skill; below 0.5 the signal is inverted."""
+    right = sorted(s for s, w in zip(scores, wrong) if not w)
+    bad = sorted(s for s, w in zip(scores, wrong) if w)
+    if not right or not bad:
+        return float("nan")
+    wins, lo, hi = 0.0, 0, 0
+    for s in right:  # two pointers over the sorted wrong scores: below s, and at or below s
+        while lo < len(bad) and bad[lo] < s:
+            lo += 1
+        while hi < len(bad) and bad[hi] <= s:
+            hi += 1
+        wins += lo + 0.5 * (hi - lo)
+    return wins / (len(right) * len(bad))

@@ -1,7 +1,8 @@
 """A zoo of judge strengths: the embedded base trained for fewer or more steps, each used as the
-filter's judge on the same noisy set and pool, to see where Meta Ranking helps most.
+filter's judge on the same noisy set and pool, to see where Meta Ranking helps most. (It spans the
+base and filter stages, so it lives with the flows: stages never import each other.)
 
-    python -m stages.filter.zoo --data data/tasks --labels data/labels --steps 300,700,1400,2200 \
+    python -m flows.judge_zoo --data data/tasks --labels data/labels --steps 300,700,1400,2200 \
         [--json zoo.json]
 
 Each judge is the `cpu` preset of params/base.yaml trained from scratch for that many steps (its
@@ -49,7 +50,7 @@ def judge_report(judge, tokenizer, data_dir: Path, labels_dir: Path, params: Fil
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m stages.filter.zoo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m flows.judge_zoo", description=__doc__)
     ap.add_argument("--data", default="data/tasks")
     ap.add_argument("--labels", default="data/labels")
     ap.add_argument("--steps", default="300,700,1400,2200", help="comma-separated training lengths")

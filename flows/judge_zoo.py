@@ -24,29 +24,23 @@ import torch
 
 from slimforge.config import load_params
 from slimforge.evaluate import exact_match, judge_accuracy
-from slimforge.io import read_jsonl
 from slimforge.tasks.records import load_records
 from stages.base.params import BaseParams
 from stages.base.pretrain import pretrain
-from stages.filter import LABELS_FILE, baseline, filter_rows, load_pool
+from stages.filter import baseline, filter_rows, load_pool, read_wrong, score_methods
 from stages.filter.judge import direct_probs, mean_logprob
 from stages.filter.params import FilterParams
-from stages.filter.ranking import detection, ranking_auc
 
 
 def judge_report(judge, tokenizer, data_dir: Path, labels_dir: Path, params: FilterParams) -> dict:
     targets, pool = load_records(data_dir / params.targets), load_pool(data_dir / params.pool)
-    truth = {r["id"]: r["correct"] for r in read_jsonl(labels_dir / LABELS_FILE)}
-    wrong = [not truth[t["id"]] for t in targets]
     with tempfile.TemporaryDirectory() as cache:
         methods = {"meta_ranking": filter_rows(judge, tokenizer, targets, pool, params, Path(cache), 0),
                    "direct": baseline(direct_probs, judge, tokenizer, targets, pool, params.batch_size,
-                                             params.min_pool_auc),
+                                      params.min_pool_auc),
                    "perplexity": baseline(mean_logprob, judge, tokenizer, targets, pool, params.batch_size,
-                                                 params.min_pool_auc)}
-    return {name: {"auc": ranking_auc(m["scores"].tolist(), wrong),
-                   **detection([not k for k in m["kept"]], wrong), "kept_fraction": sum(m["kept"]) / len(targets)}
-            for name, m in methods.items()}
+                                          params.min_pool_auc)}
+    return score_methods(methods, read_wrong(labels_dir, [t["id"] for t in targets]))
 
 
 def main() -> None:

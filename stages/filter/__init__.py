@@ -119,6 +119,20 @@ def baseline(score_fn, judge, tokenizer, targets, pool, batch_size, min_pool_auc
     return {"scores": scores, "threshold": threshold, "pool_auc": pool_auc, "kept": _keep(scores, threshold)}
 
 
+def read_wrong(labels_dir: str | Path, ids: list[str]) -> list[bool]:
+    """Whether each row is wrong, from the sidecar labels: evaluation only, never the filter."""
+    truth = {r["id"]: r["correct"] for r in read_jsonl(Path(labels_dir) / LABELS_FILE)}
+    return [not truth[i] for i in ids]
+
+
+def score_methods(methods: dict[str, dict], wrong: list[bool]) -> dict[str, dict]:
+    """Per method: precision/recall/F1 of catching the wrong rows, kept fraction, and ranking AUC
+    where the method has scores."""
+    return {name: {**detection([not k for k in m["kept"]], wrong), "kept_fraction": sum(m["kept"]) / len(wrong),
+                   **({"auc": ranking_auc(m["scores"].tolist(), wrong)} if "scores" in m else {})}
+            for name, m in methods.items()}
+
+
 def finetune_judge(judge, tokenizer, rows: list[dict], params: FilterParams, ckpt: Path) -> None:
     ft = params.finetune
     examples = encode_records(rows, tokenizer)
@@ -189,12 +203,8 @@ def run(params: FilterParams, base_dir: str | Path, data_dir: str | Path, out_di
                    "targets": len(targets), "references": params.references}
         # The labels are read only now, after the filtered data exists, to score each method.
         if labels_dir is not None and (Path(labels_dir) / LABELS_FILE).exists():
-            truth = {r["id"]: r["correct"] for r in read_jsonl(Path(labels_dir) / LABELS_FILE)}
-            wrong = [not truth[i] for i in ids]
-            metrics["detection"] = {name: {**detection([not k for k in m["kept"]], wrong),
-                                           "kept_fraction": sum(m["kept"]) / len(targets),
-                                           **({"auc": ranking_auc(m["scores"].tolist(), wrong)} if "scores" in m else {})}
-                                    for name, m in methods.items()}
+            wrong = read_wrong(labels_dir, ids)
+            metrics["detection"] = score_methods(methods, wrong)
             metrics["wrong_fraction"] = sum(wrong) / len(wrong)
         ds = params.downstream
         if ds.steps > 0:
@@ -202,13 +212,16 @@ def run(params: FilterParams, base_dir: str | Path, data_dir: str | Path, out_di
             kept = {name: methods[name]["kept"] for name in ("meta_ranking", "direct", "keep_all") if name in methods}
             if "wrong_fraction" in metrics:  # the upper bound a perfect filter reaches (evaluation only)
                 kept["oracle"] = [not w for w in wrong]
-            acc = {}
+            acc, by_rows = {}, {}
             for name, keep in kept.items():
-                if any(keep):
+                if not any(keep):
+                    continue
+                if tuple(keep) not in by_rows:  # methods that kept the same rows share one run (same recipe, seed)
                     rows = [t for t, k in zip(targets, keep) if k]
-                    acc[name] = lora_accuracy(base_dir, rows, tests, steps=ds.steps, rank=ds.rank, lr=ds.lr,
-                                              batch_size=ds.batch_size, seed=params.seed,
-                                              checkpoint_dir=ckpt / f"lora-{name}", device=device)
+                    by_rows[tuple(keep)] = lora_accuracy(base_dir, rows, tests, steps=ds.steps, rank=ds.rank,
+                                                         lr=ds.lr, batch_size=ds.batch_size, seed=params.seed,
+                                                         checkpoint_dir=ckpt / f"lora-{name}", device=device)
+                acc[name] = by_rows[tuple(keep)]
             metrics["downstream_accuracy"] = acc
         write_json(metrics_path, metrics)
         tracker.log_metrics(metrics)

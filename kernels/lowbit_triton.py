@@ -1,0 +1,289 @@
+"""The Triton kernels of the low-bit matmul: GEMV, GEMM and dx, with the fused low-rank
+t-programs and the split-K epilogue. kernels/lowbit.py documents the method and launches them;
+this file holds only device code and the t-program shapes it is compiled with.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a machine without triton still gets the reference (kernels/lowbit.py)
+    triton = None
+
+T_ROWS, T_K = 4, 2048  # GEMV-mode t-program, 4 warps: 4 rows of `down` x 2048 columns (16 KB, one pass)
+T_K_GEMM = 1024  # GEMM-mode t-program: K-slice per program
+
+
+if triton is not None:
+    _T_ROWS, _T_K, _T_K_GEMM = tl.constexpr(T_ROWS), tl.constexpr(T_K), tl.constexpr(T_K_GEMM)
+    _SLOTS = tl.constexpr(32)  # counter slots, see _epilogue
+
+    @triton.jit
+    def _mma(a, b, acc, UPCAST: tl.constexpr):
+        """tl.dot; UPCAST (bf16 under the interpreter, which multiplies bf16 tiles as raw integers)
+        hands it fp32 operands instead."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _field(w, i: tl.constexpr, WIDTH: tl.constexpr):
+        """Field i of each word, masked in place at bit POS = i*WIDTH mod 16 (so below bit 23) and
+        read as an fp32 bit pattern: a denormal, exactly q * 2**(POS - 149). One logic op per
+        weight, no int->float convert (I2F runs at 1/8 of the FMA rate on H100) and no offset to
+        subtract: FMA takes denormals at full speed and the PTX triton emits does not flush them."""
+        POS: tl.constexpr = (i * WIDTH) % 16
+        return ((w >> (i * WIDTH - POS)) & (((1 << WIDTH) - 1) << POS)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _gemv_tile(P, P16, S, Z, n, kw0, N, K, stride_p, BITS: tl.constexpr, GROUP: tl.constexpr,
+                   BLOCK_KW: tl.constexpr):
+        """Loads of one GEMV tile: words [n, kw0 + (0..BLOCK_KW)], 3-bit high half-words, scale
+        and zero per unit. Masks are per unit of LO words, so triton can prove them constant over
+        each LO-word vector."""
+        LO: tl.constexpr = 2 if BITS == 3 else BITS
+        KW = K // (32 // LO)
+        kw = kw0 + tl.arange(0, BLOCK_KW)
+        # same values as kw, but visibly contiguous only in runs of LO (one unit): the word loads
+        # then take the register layout of the activation loads (LO-wide vectors) instead of
+        # 16-byte vectors that would need a shared-memory shuffle per field (2- and 3-bit)
+        kwu = tl.max_contiguous(tl.multiple_of(kw // LO * LO + kw % LO, LO), LO)
+        wmask = (n < N)[:, None] & (kw // LO < KW // LO)[None, :]
+        w = tl.load(P + n[:, None] * stride_p + kwu[None, :], mask=wmask, other=0)
+        h = w
+        if BITS == 3:  # high plane as int16: bit i of half-word kw is the high bit of field i of w
+            h = tl.load(P16 + n[:, None] * (2 * stride_p) + 2 * KW + kwu[None, :], mask=wmask, other=0).to(tl.int32)
+        # unit index derived from kw through the reshape the math uses: the scale/zero loads then
+        # get that layout (triton 3.6 otherwise picks another and shuffles through shared memory)
+        unit = tl.max(tl.reshape(kw // LO, (1, BLOCK_KW // LO, LO)), axis=2)
+        umask = (n < N)[:, None] & (unit < KW // LO)
+        grp = n[:, None] * (K // GROUP) + unit * 32 // GROUP
+        s = tl.load(S + grp, mask=umask, other=0.0)
+        z = tl.load(Z + grp, mask=umask, other=0.0)
+        return w, h, s, z
+
+    @triton.jit
+    def _dequant(P, P16, S, Z, n, kw0, N, K, stride_p, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, dtype: tl.constexpr):
+        """W_hat[n, 32*kw0/U + (0 .. 32*BLOCK_KW/U)] in natural k order, `dtype`, zero outside."""
+        LO: tl.constexpr = 2 if BITS == 3 else BITS  # width of the (first) plane's fields
+        VPW: tl.constexpr = 32 // LO  # fields per word
+        U: tl.constexpr = LO  # words per unit of 32 weights
+        KW = K // VPW
+        kw = kw0 + tl.arange(0, BLOCK_KW)
+        mask = (n < N)[:, None] & (kw < KW)[None, :]
+        row = P + n[:, None] * stride_p
+        w = tl.reshape(tl.load(row + kw[None, :], mask=mask, other=0), (BLOCK_N, BLOCK_KW // U, 1, U))
+        grp = n[:, None] * (K // GROUP) + (kw // U * 32 // GROUP)[None, :]
+        s = tl.reshape(tl.load(S + grp, mask=mask, other=0.0).to(tl.float32), (BLOCK_N, BLOCK_KW // U, 1, U))
+        z = tl.reshape(tl.load(Z + grp, mask=mask, other=0.0).to(tl.float32), (BLOCK_N, BLOCK_KW // U, 1, U))
+        field = tl.arange(0, VPW)[None, None, :, None]
+        q = (w >> (field * LO)) & ((1 << LO) - 1)  # [n, unit, i, j] = weight 32*unit + U*i + j
+        if BITS == 3:
+            h = tl.load(P16 + n[:, None] * (2 * stride_p) + 2 * KW + kw[None, :], mask=mask, other=0).to(tl.int32)
+            q = q | (((tl.reshape(h, (BLOCK_N, BLOCK_KW // U, 1, U)) >> field) & 1) << 2)
+        v = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)
+        return tl.reshape((v * s).to(dtype), (BLOCK_N, BLOCK_KW * VPW))
+
+    @triton.jit
+    def _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M: tl.constexpr, WARPS: tl.constexpr):
+        """t-program (GEMV mode): T[slice, m, r] = x[m, slice] . down[r, slice] for T_ROWS rows r,
+        a slice of T_K / 4 * WARPS / BLOCK_M columns (64 products per thread)."""
+        TK: tl.constexpr = _T_K // 4 * WARPS // BLOCK_M
+        n_rb = tl.cdiv(R, _T_ROWS)
+        ks = pid // n_rb
+        m = tl.arange(0, BLOCK_M)
+        r = (pid % n_rb) * _T_ROWS + tl.arange(0, _T_ROWS)
+        k = ks * TK + tl.arange(0, TK)
+        x = tl.load(X + m[:, None, None] * stride_xm + k[None, None, :],
+                    mask=(m < M)[:, None, None] & (k < K)[None, None, :], other=0.0).to(tl.float32)
+        d = tl.load(D + r[None, :, None] * K + k[None, None, :],
+                    mask=(r < R)[None, :, None] & (k < K)[None, None, :], other=0.0).to(tl.float32)
+        tl.store(T + (ks * M + m[:, None]) * R + r[None, :], tl.sum(x * d, axis=2),
+                 mask=(m < M)[:, None] & (r < R)[None, :])
+        tl.debug_barrier()  # every thread's store before the release below
+        tl.atomic_add(CNT + tl.arange(0, _SLOTS), 1, sem="release")  # one per slot: see _epilogue
+
+    @triton.jit
+    def _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                UPCAST: tl.constexpr):
+        """t-program (GEMM mode): T[slice, m-tile, :] = x[m-tile, slice] @ down[:, slice]^T."""
+        n_mt = tl.cdiv(M, BLOCK_M)
+        ks = pid // n_mt
+        m = (pid % n_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
+        r = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        for k0 in range(ks * _T_K_GEMM, tl.minimum(ks * _T_K_GEMM + _T_K_GEMM, K), 64):
+            k = k0 + tl.arange(0, 64)
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :], other=0.0)
+            d = tl.load(D + r[None, :] * K + k[:, None], mask=(r < R)[None, :] & (k < K)[:, None], other=0.0)
+            acc = _mma(x, d, acc, UPCAST)
+        tl.store(T + (ks * M + m[:, None]) * R + r[None, :], acc, mask=(m < M)[:, None] & (r < R)[None, :])
+        tl.debug_barrier()
+        tl.atomic_add(CNT + tl.arange(0, _SLOTS), 1, sem="release")
+
+    @triton.jit
+    def _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
+                  HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, LR_DOT: tl.constexpr,
+                  UPCAST: tl.constexpr):
+        """y[m, n] (fp32) += t @ up^T (+ bias); store in Y's dtype.
+
+        Counters (CNT[0:32] ready, CNT[32:64] done, CNT[64] slots done) are spread over 32
+        addresses: thousands of output tiles hitting one address serialise in L2 (measured +10 us
+        at N=14336). Tile c uses slot c % S; every t-program releases all 32 ready slots."""
+        if HAS_LR:
+            n_slots = tl.minimum(n_cons, _SLOTS)
+            slot = tile % n_slots
+            ready = tl.atomic_add(CNT + slot, 0, sem="acquire")
+            while ready < n_tprog:  # t-programs run first (lowest ids): in practice no wait
+                ready = tl.atomic_add(CNT + slot, 0, sem="acquire")
+            r = tl.arange(0, BLOCK_R)
+            tmask = (m < M)[:, None] & (r < R)[None, :]
+            t = tl.zeros((y.shape[0], BLOCK_R), tl.float32)
+            for s in range(TS):  # K-slice partials, in order
+                t += tl.load(T + (s * M + m[:, None]) * R + r[None, :], mask=tmask, other=0.0, cache_modifier=".cg")
+            up = tl.load(U + n[:, None] * R + r[None, :], mask=(n < N)[:, None] & (r < R)[None, :], other=0.0)
+            if LR_DOT:  # t as a hi + lo pair in up's dtype: two tensor-core products, ~fp32 accuracy
+                hi = t.to(up.dtype)
+                lo = (t - hi.to(tl.float32)).to(up.dtype)
+                y = _mma(lo, tl.trans(up), _mma(hi, tl.trans(up), y, UPCAST), UPCAST)
+            else:
+                y += tl.sum(t[:, None, :] * up.to(tl.float32)[None, :, :], axis=2)
+            # the last reader leaves the counters zeroed for the next launch (stream order)
+            if tl.atomic_add(CNT + _SLOTS + slot, 1) == (n_cons - slot + n_slots - 1) // n_slots - 1:
+                if tl.atomic_add(CNT + 2 * _SLOTS, 1) == n_slots - 1:
+                    zero = tl.arange(0, 2 * _SLOTS)
+                    tl.store(CNT + zero, zero * 0)
+                    tl.store(CNT + 2 * _SLOTS, 0)
+        if HAS_BIAS:
+            y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty),
+                 mask=(m < M)[:, None] & (n < N)[None, :])
+
+    @triton.jit
+    def _finish(y, m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
+                HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, SPLIT_K: tl.constexpr,
+                BLOCK_R: tl.constexpr, LR_DOT: tl.constexpr, UPCAST: tl.constexpr):
+        """Split-K fix-up, then the epilogue, for one [BLOCK_M, BLOCK_N] output tile."""
+        if SPLIT_K == 1:
+            _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
+                      HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST)
+        else:
+            mask = (m < M)[:, None] & (n < N)[None, :]
+            tl.store(WS + (pid_k * M + m[:, None]) * N + n[None, :], y, mask=mask)
+            tl.debug_barrier()  # every thread's partial before the release below
+            arrived = tl.atomic_add(CNT + 2 * _SLOTS + 1 + tile, 1)
+            if arrived == SPLIT_K - 1:  # last slice in: sum all slices in a fixed order
+                total = tl.zeros_like(y)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(WS + (s * M + m[:, None]) * N + n[None, :], mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+                tl.atomic_xchg(CNT + 2 * _SLOTS + 1 + tile, 0)
+                _epilogue(total, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
+                          HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST)
+
+    @triton.jit
+    def _gemv_kernel(X, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, T_WARPS: tl.constexpr):
+        pid = tl.program_id(0)
+        if pid < n_tprog:
+            if HAS_LR:
+                _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M, T_WARPS)
+        else:
+            pid = pid - n_tprog
+            LO: tl.constexpr = 2 if BITS == 3 else BITS
+            VPW: tl.constexpr = 32 // LO
+            KW = K // VPW
+            tile = pid // SPLIT_K  # (row of x, BLOCK_N rows of W)
+            pid_k = pid % SPLIT_K
+            n = (tile // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m = tile % M
+            span = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_KW) * BLOCK_KW
+            kw_end = tl.minimum(pid_k * span + span, KW)
+            C: tl.constexpr = BLOCK_KW // LO  # units of 32 weights (one scale, zero each) per row
+            acc = tl.zeros((BLOCK_N, C), tl.float32)
+            # software pipelining by hand: the next tile's loads are issued before this tile's math
+            wn, hn, sn, zn = _gemv_tile(P, P16, S, Z, n, pid_k * span, N, K, stride_p, BITS, GROUP, BLOCK_KW)
+            for kw0 in range(pid_k * span, kw_end, BLOCK_KW):
+                w, h, s, z = wn, hn, sn, zn
+                # past the end the masks are all false: no memory traffic (K is a multiple of LO units)
+                wn, hn, sn, zn = _gemv_tile(P, P16, S, Z, n, kw0 + BLOCK_KW, tl.where(kw0 + BLOCK_KW < kw_end, N, 0),
+                                            K, stride_p, BITS, GROUP, BLOCK_KW)
+                kw = kw0 + tl.arange(0, BLOCK_KW)
+                xo = tl.max_contiguous(tl.multiple_of(kw // LO * 32 + kw % LO, LO), LO)  # + LO*i: see the layout
+                xmask = (kw // LO < KW // LO)[None, :]
+                t = tl.zeros((BLOCK_N, BLOCK_KW), tl.float32)
+                xs = tl.zeros((1, BLOCK_KW), tl.float32)
+                for i in tl.static_range(VPW):
+                    xi = tl.load(X + m * stride_xm + xo[None, :] + i * LO, mask=xmask, other=0.0).to(tl.float32)
+                    xs += xi
+                    # field * x * 2**(100 - POS) = q * x * 2**-49: |x| < 2**28 cannot overflow
+                    t = tl.fma(_field(w, i, LO), xi * (2.0 ** (100 - (i * LO) % 16)), t)
+                    if BITS == 3:
+                        t = tl.fma(_field(h, i, 1), xi * (2.0 ** (102 - i)), t)
+                # per unit (one thread's LO words, one group): acc += s * (sum q x - z * sum x)
+                t = tl.sum(tl.reshape(t, (BLOCK_N, C, LO)), axis=2)
+                xs = tl.sum(tl.reshape(xs, (1, C, LO)), axis=2)
+                acc = tl.fma(tl.fma(-z.to(tl.float32), xs, t * 562949953421312.0), s.to(tl.float32), acc)  # 2**49
+            _finish(tl.sum(acc, axis=1)[None, :], m + tl.arange(0, 1), n, tile, pid_k, Y, B, U, T, WS, CNT,
+                    M, N, R, TS, stride_ym, n_tprog, M * tl.cdiv(N, BLOCK_N), HAS_BIAS, HAS_LR, SPLIT_K,
+                    BLOCK_R, False, UPCAST)
+
+    @triton.jit
+    def _gemm_kernel(X, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
+        pid = tl.program_id(0)
+        if pid < n_tprog:
+            if HAS_LR:
+                _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M, BLOCK_R, UPCAST)
+        else:
+            pid = pid - n_tprog
+            VPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+            n_m = tl.cdiv(M, BLOCK_M)
+            tile = pid // SPLIT_K  # m fastest: tiles sharing a weight slice run together (L2 reuse)
+            pid_k = pid % SPLIT_K
+            n = (tile // n_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+            m = (tile % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+            span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for k0 in range(pid_k * span, tl.minimum(pid_k * span + span, K), BLOCK_K):
+                w = _dequant(P, P16, S, Z, n, k0 // VPW, N, K, stride_p, BITS, GROUP, BLOCK_N, BLOCK_K // VPW, X.dtype.element_ty)
+                k = k0 + tl.arange(0, BLOCK_K)
+                xt = tl.load(X + m[None, :] * stride_xm + k[:, None], mask=(m < M)[None, :] & (k < K)[:, None], other=0.0)
+                acc = _mma(w, xt, acc, UPCAST)
+            _finish(tl.trans(acc), m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym,
+                    n_tprog, n_m * tl.cdiv(N, BLOCK_N), HAS_BIAS, HAS_LR, SPLIT_K, BLOCK_R, True, UPCAST)
+
+    @triton.jit
+    def _dx_kernel(DY, P, P16, S, Z, D, UU, DX, M, N, K, R, stride_dym, stride_dxm, stride_p,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
+        """dx[m-tile, k-tile] = dy @ W_hat[:, k-tile] (+ u @ down[:, k-tile], u = dy @ up in fp32),
+        computed transposed (dx^T = W_hat^T dy^T) so that the dequantised tile is the MMA's register
+        operand, as in the forward GEMM (as a shared-memory operand Triton 3.6 fails to compile it)."""
+        VPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+        pid = tl.program_id(0)
+        n_m = tl.cdiv(M, BLOCK_M)
+        m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)  # m fastest: W slice reused from L2
+        k = (pid // n_m) * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_K, BLOCK_M), tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            w = _dequant(P, P16, S, Z, n, (pid // n_m) * (BLOCK_K // VPW), N, K, stride_p, BITS, GROUP, BLOCK_N,
+                         BLOCK_K // VPW, DY.dtype.element_ty)
+            dyt = tl.load(DY + m[None, :] * stride_dym + n[:, None], mask=(m < M)[None, :] & (n < N)[:, None], other=0.0)
+            acc = _mma(tl.trans(w), dyt, acc, UPCAST)
+        if HAS_LR:
+            r = tl.arange(0, BLOCK_R)
+            ut = tl.load(UU + m[None, :] * R + r[:, None], mask=(m < M)[None, :] & (r < R)[:, None], other=0.0)
+            dt = tl.load(D + r[None, :] * K + k[:, None], mask=(r < R)[None, :] & (k < K)[:, None], other=0.0)
+            hi = ut.to(dt.dtype)
+            acc = _mma(dt, hi, acc, UPCAST)
+            acc = _mma(dt, (ut - hi.to(tl.float32)).to(dt.dtype), acc, UPCAST)
+        tl.store(DX + m[None, :] * stride_dxm + k[:, None], acc.to(DX.dtype.element_ty),
+                 mask=(m < M)[None, :] & (k < K)[:, None])

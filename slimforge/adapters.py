@@ -1,4 +1,5 @@
-"""LoRA adapters through PEFT on any model slimforge loads: dense, pruned, or quantized.
+"""LoRA adapters through PEFT on any model slimforge loads (dense, pruned, or quantized), and the
+one LoRA training recipe the stages share (`train_lora`).
 
 On a quantized model the frozen weights stay packed: PEFT's LoRA layer wraps each QuantLinear and
 calls it for the base output, so the forward and the input-gradient run on the low-bit kernels
@@ -17,6 +18,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 from kernels.quant_linear import QuantLinear
 from slimforge import SlimforgeError
+from slimforge.config import Schedule
+from slimforge.training import train_causal_lm
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,3 +84,31 @@ def load_adapter(model: torch.nn.Module, folder: str | Path) -> PeftModel:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unsupported layer type")
         return PeftModel.from_pretrained(model, folder, config=config, is_trainable=False)
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Weights and buffers held during training plus AdamW's two moments of the trainable ones."""
+    held = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return held + 2 * trainable
+
+
+def train_lora(model: torch.nn.Module, examples: list, schedule: Schedule, *, rank: int, alpha: float,
+               targets: list[str], seed: int, pad_id: int, checkpoint_dir: str | Path, fingerprint: str,
+               dropout: float = 0.0, on_log=None, progress: bool = True) -> tuple[PeftModel, dict]:
+    """The LoRA recipe every stage uses: wrap `model` (frozen) with fresh adapters and train them on
+    `examples` (response cross-entropy). Returns (peft model, report: seconds, steady tokens/s,
+    training state bytes, trainable parameters, CUDA peak memory, per-step losses)."""
+    peft_model = add_lora(model, rank, alpha, targets, dropout, seed=seed)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    history = train_causal_lm(peft_model, examples, schedule, pad_id=pad_id, seed=seed, checkpoint_dir=checkpoint_dir,
+                              fingerprint=fingerprint, on_log=on_log, progress=progress)
+    return peft_model, {
+        "seconds": history["seconds"], "tokens_per_s": history["steady_tokens_per_s"],
+        "state_bytes": state_bytes(peft_model), "resumed_from": history["resumed_from"],
+        "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "losses": history["losses"]}

@@ -32,9 +32,3 @@ def load_checkpoint(folder: str | Path, fingerprint: str) -> dict | None:
     if state.get("fingerprint") != fingerprint:
         return None
     return state
-
-
-def clear_checkpoint(folder: str | Path) -> None:
-    path = Path(folder) / FILE
-    if path.exists():
-        path.unlink()

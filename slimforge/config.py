@@ -12,15 +12,45 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slimforge import SlimforgeError
 
 
 class Schema(BaseModel):
-    """Base for every params schema: unknown keys are errors, values are immutable."""
+    """Base for every params schema: unknown keys are errors, values are immutable.
+
+    A nested section given in part (`lrec: {steps: 4}`) keeps the stage's defaults for the keys it
+    does not name: a section's default is the stage's own instance (e.g. `Lrec(steps=400, ...)`),
+    so one shared section schema can carry different defaults in each stage.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sections_keep_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(merged.get(name), dict) and isinstance(field.default, BaseModel):
+                merged[name] = {**field.default.model_dump(), **merged[name]}
+        return merged
+
+
+class Schedule(Schema):
+    """The optimiser and schedule of every training run (AdamW, linear warm-up, cosine decay to
+    `min_lr_ratio * lr`). Stages embed it with their own defaults; the loop takes it as is."""
+
+    steps: int = Field(100, ge=0, description="optimizer steps (0: this training is skipped)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps (at most `steps`)")
+    batch_size: int = Field(64, ge=1, description="sequences per step (at most the number of examples)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a share of the peak")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not on norms and biases)")
+    grad_clip: float = Field(1.0, ge=0, description="gradient norm clip (0: off)")
+    checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints (0: none)")
 
 
 S = TypeVar("S", bound=Schema)

@@ -107,16 +107,47 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), types: dict[str
     return records
 
 
+def _feed(h, file: Path) -> None:
+    with file.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of one file's bytes."""
+    h = hashlib.sha256()
+    _feed(h, Path(path))
+    return h.hexdigest()
+
+
+def _feed_tree(h, path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode())
+        _feed(h, file)
+
+
 def folder_hash(path: str | Path) -> str:
     """sha256 over the names and contents of every file under `path` (sorted): a content address
     for a model folder, recorded as the parent of the next stage's output."""
-    path = Path(path)
     h = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    _feed_tree(h, Path(path))
+    return h.hexdigest()
+
+
+def content_hash(*items: Any) -> str:
+    """sha256 of what `items` hold: a Path by its contents (a file's bytes, a folder's file names
+    and bytes; never its location, so a retrained model at the same path hashes differently), any
+    other value as sorted JSON. The one content address behind every resume fingerprint."""
+    h = hashlib.sha256()
+    for item in items:
+        if isinstance(item, Path):
+            h.update(b"\0file\0" if item.is_file() else b"\0folder\0" if item.is_dir() else b"\0missing\0")
+            if item.is_file():
+                _feed(h, item)
+            elif item.is_dir():
+                _feed_tree(h, item)
+        else:
+            h.update(b"\0value\0" + json.dumps(item, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

@@ -18,7 +18,6 @@ Folder layout (written by the quantize stage):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -31,6 +30,7 @@ from kernels.lowbit_format import GROUPS, storage_bits_per_weight
 from kernels.quant_linear import QuantLinear
 from slimforge import SlimforgeError
 from slimforge.adapters import PROJECTIONS
+from slimforge.io import file_hash
 
 FORMAT = "slimforge-lowbit-1"
 META_FILE = "quantization.json"
@@ -94,14 +94,6 @@ def bits_report(model: torch.nn.Module) -> dict:
             "low_rank_bits_per_weight": lr_bits / weights, "quantized_weights": weights}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_quantized(model, tokenizer, source_folder: str | Path, folder: str | Path) -> None:
     """Write the quantized folder (layout in the module docstring)."""
     folder, source_folder = Path(folder), Path(source_folder)
@@ -119,7 +111,7 @@ def save_quantized(model, tokenizer, source_folder: str | Path, folder: str | Pa
     modules = {n: {"bits": m.bits, "group": m.group, "rank": m.rank, "in_features": m.in_features,
                    "out_features": m.out_features, "bias": m.bias is not None}
                for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    meta = {"format": FORMAT, "modules": modules, "sha256": {WEIGHTS_FILE: _sha256(folder / WEIGHTS_FILE)}}
+    meta = {"format": FORMAT, "modules": modules, "sha256": {WEIGHTS_FILE: file_hash(folder / WEIGHTS_FILE)}}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
@@ -135,7 +127,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu"):
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise SlimforgeError(f"{weights} is missing")
-    if _sha256(weights) != meta["sha256"][WEIGHTS_FILE]:
+    if file_hash(weights) != meta["sha256"][WEIGHTS_FILE]:
         raise SlimforgeError(f"{weights}: checksum does not match {META_FILE} (corrupt or replaced file)")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

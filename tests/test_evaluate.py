@@ -97,6 +97,6 @@ def test_decode_speed_and_full_harness(tokenizer, suite_dir, tmp_path):
     metrics = evaluate_suite(model, tokenizer, suite_dir, model_dir=tmp_path)
     assert set(metrics["accuracy"]) == {"add", "sub", "mul", "add3", "chain"}
     assert 0.0 <= metrics["accuracy_base"] <= 1.0
-    assert metrics["ppl"] > 1 and metrics["bytes"] > 0 and metrics["decode_tok_s"] > 0
+    assert metrics["ppl"] > 1 and metrics["bytes"] > 0 and metrics["decode_tokens_per_s"] > 0
     assert metrics["params"] == sum(p.numel() for p in model.parameters())
     assert set(metrics["judge"]) == {"verify", "pairwise"}

@@ -13,7 +13,8 @@ from slimforge import SlimforgeError
 from slimforge.tasks.judge import pairwise_prompt, verdict_ids
 from stages.filter import meta_scores, run
 from stages.filter.params import FilterParams
-from stages.filter.ranking import (calibrate_threshold, debiased_win, detection, draw_references, ranking_auc,
+from slimforge.evaluate.judging import debiased_win
+from stages.filter.ranking import (calibrate_threshold, detection, draw_references, ranking_auc,
                                    vote)
 from slimforge.io import write_jsonl
 from tests.conftest import small_suite
@@ -127,7 +128,7 @@ def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_d
                         lambda path, rows: (filtered_at.append(len(read)), real_write(path, rows)))
     labels = tmp_path / "labels"
     write_jsonl(labels / "noisy_labels.jsonl", small_suite()[1])
-    m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels_dir=labels)
+    m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels=labels)
     label_reads = [i for i, p in enumerate(read) if p.endswith("noisy_labels.jsonl")]
     assert label_reads and min(label_reads) >= max(filtered_at)  # only after the outputs were written
     assert set(m["detection"]) == {"meta_ranking", "direct", "perplexity", "keep_all"}
@@ -143,7 +144,7 @@ def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_d
 def test_filtering_works_without_the_labels(tmp_path, suite_dir, tokenizer):
     base = save_tiny("llama", tokenizer, tmp_path / "base")
     params = FilterParams.model_validate({**SMALL, "baselines": False, "downstream": {"steps": 0}})
-    m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels_dir=None)
+    m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels=None)
     assert "detection" not in m and 0 <= m["kept_fraction"] <= 1
 
 
@@ -167,3 +168,36 @@ def test_bad_input(tmp_path, suite_dir, tokenizer):
     with pytest.raises(SlimforgeError, match="tokenizer"):
         run(FilterParams.model_validate(SMALL), no_tok, suite_dir, tmp_path / "out", tmp_path / "m.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_cached_scores_are_dropped_when_the_judge_is_retrained_at_the_same_path(tmp_path, suite_dir, tokenizer,
+                                                                                 monkeypatch):
+    """The resume fingerprint hashes the judge's contents: a killed run's cached scores are reused by
+    the same judge and thrown away when another model now sits at the same path."""
+    base = save_tiny("llama", tokenizer, tmp_path / "base", seed=0)
+    params = FilterParams.model_validate({**SMALL, "baselines": False, "downstream": {"steps": 0}})
+    args = (params, base, suite_dir, tmp_path / "out", tmp_path / "m.json")
+    real, calls = filter_stage.pairwise_win_probs, []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(filter_stage, "pairwise_win_probs", counting)
+    def killed(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(filter_stage, "write_outputs", killed)
+    with pytest.raises(KeyboardInterrupt):  # killed after judging, before writing
+        run(*args)
+    judged = len(calls)
+    assert judged > 0 and not (tmp_path / "out").exists()
+    with pytest.raises(KeyboardInterrupt):  # same judge: the cached target scores are reused
+        run(*args)
+    pool_only = len(calls) - judged  # the pool is rescored for calibration; the targets are not
+    assert 0 < pool_only < judged
+    save_tiny("llama", tokenizer, base, seed=7)  # a different model at the same path
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run(*args)
+    assert len(calls) == judged  # everything judged afresh

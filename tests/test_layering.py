@@ -1,4 +1,5 @@
-"""Dependencies point one way: kernels <- slimforge <- stages <- flows."""
+"""Dependencies point one way: kernels <- slimforge <- stages <- experiments; flows drive stages
+through DVC and import neither stages nor experiments."""
 
 import ast
 
@@ -7,8 +8,9 @@ import pytest
 from tests.conftest import REPO
 
 # package -> packages it must never import
-FORBIDDEN = {"kernels": {"slimforge", "stages", "flows"}, "slimforge": {"stages", "flows"},
-             "stages": {"flows"}}
+FORBIDDEN = {"kernels": {"slimforge", "stages", "flows", "experiments"},
+             "slimforge": {"stages", "flows", "experiments"},
+             "stages": {"flows", "experiments"}, "flows": {"stages", "experiments"}, "experiments": {"flows"}}
 
 
 def _imports(path):

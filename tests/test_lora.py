@@ -229,7 +229,7 @@ def test_stage_on_the_quantized_model_and_plain_lora(tmp_path, suite_dir, tokeni
     save_quantized(_quantized(pruned), tokenizer, tmp_path / "pruned", tmp_path / "quantized")
     params = LoraParams.model_validate({**SMALL, "model": "quantized", "baselines": False})
     m = run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "p",
-            quantized_dir=tmp_path / "quantized")
+            quantized=tmp_path / "quantized")
     assert set(m["results"]) == {"pruned_adapter", "recovered"} and m["training"]["loram"]["trainable_params"] > 0
     again, _ = load_model(tmp_path / "q" / "pruned_model")  # the packed small model, factors aligned
     assert type(again.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"

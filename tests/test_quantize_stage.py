@@ -11,6 +11,8 @@ from slimforge.batching import encode_records
 from slimforge.pruning import PrunePlan, prune_model, save_pruned
 from slimforge.quantized import bits_report, load_quantized, quantize_model, save_quantized, target_linears
 from slimforge.tasks.records import load_records
+from slimforge.config import Schedule
+from slimforge.losses import distillation_loss
 from slimforge.training import train_causal_lm
 from stages.quantize import pad_columns, run
 from stages.quantize.decompose import lq_decompose
@@ -62,10 +64,10 @@ def test_lrec_trains_only_the_factors_and_lowers_the_loss(tmp_path, tokenizer, s
     frozen = {k: v.clone() for k, v in student.state_dict().items() if not k.endswith((".down", ".up"))}
     factors = {k: v.clone() for k, v in student.state_dict().items() if k.endswith((".down", ".up"))}
     examples = encode_records(load_records(suite_dir / "train.jsonl")[:64], tokenizer, max_len=32)
-    out = train_causal_lm(student, examples, pad_id=tokenizer.pad_token_id, steps=30, batch_size=16, lr=5e-3,
-                          warmup_steps=1, min_lr_ratio=1.0, weight_decay=0.0, grad_clip=1.0, seed=0,
-                          checkpoint_dir=tmp_path / "ck", checkpoint_every=0, fingerprint="t", teacher=teacher,
-                          kl_weight=1.0, ce_weight=0.0, progress=False, log_every=5)
+    schedule = Schedule(steps=30, batch_size=16, lr=5e-3, warmup_steps=1, min_lr_ratio=1.0, checkpoint_every=0)
+    out = train_causal_lm(student, examples, schedule, pad_id=tokenizer.pad_token_id, seed=0,
+                          checkpoint_dir=tmp_path / "ck", fingerprint="t", progress=False, log_every=5,
+                          loss_fn=distillation_loss(teacher, kl_weight=1.0, ce_weight=0.0))
     state = student.state_dict()
     assert all(torch.equal(state[k], v) for k, v in frozen.items())
     assert any(not torch.equal(state[k], v) for k, v in factors.items())

@@ -6,6 +6,7 @@ import torch
 from slimforge.batching import collate, encode_records, epoch_batches
 from slimforge.checkpoint import load_checkpoint
 from slimforge.tasks.records import load_records
+from slimforge.config import Schedule
 from slimforge.training import lr_at, train_causal_lm
 from tests.helpers import tiny_model
 
@@ -46,10 +47,10 @@ class Interrupt(Exception):
 
 
 def _train(model, examples, ckpt, tokenizer, on_log=None):
-    return train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=12, batch_size=8,
-                           lr=3e-3, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0,
-                           seed=0, checkpoint_dir=ckpt, checkpoint_every=4, fingerprint="fp",
-                           on_log=on_log, log_every=1, progress=False)
+    schedule = Schedule(steps=12, batch_size=8, lr=3e-3, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.01,
+                        grad_clip=1.0, checkpoint_every=4)
+    return train_causal_lm(model, examples, schedule, pad_id=tokenizer.pad_token_id, seed=0, checkpoint_dir=ckpt,
+                           fingerprint="fp", on_log=on_log, log_every=1, progress=False)
 
 
 def test_resume_after_interruption_is_exact(tokenizer, suite_dir, tmp_path):

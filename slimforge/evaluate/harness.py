@@ -66,7 +66,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test_re
     if model_dir is not None:
         metrics["bytes"] = folder_bytes(model_dir)
     if speed:
-        metrics["decode_tok_s"], _mode = decode_tokens_per_s(model)
+        metrics["decode_tokens_per_s"], _mode = decode_tokens_per_s(model)
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
 

@@ -86,14 +86,16 @@ def graph_decode(model: PreTrainedModel, batch_size: int, prompt_len: int, new_t
 
 def decode_tokens_per_s(model: PreTrainedModel, batch_size: int = 1, prompt_len: int = 16,
                         new_tokens: int = 64, cuda_graph: bool = True) -> tuple[float, str]:
-    """(tokens/s, mode) where mode is 'cuda-graph' or 'eager'. The context stays within the
-    model's max_position_embeddings."""
+    """(steady decode tokens/s after a warm-up run, mode) where mode is 'cuda-graph' (static
+    cache, each step one graph replay) or 'eager'. `new_tokens` are generated after a
+    `prompt_len`-token prompt; the context stays within the model's max_position_embeddings."""
     limit = getattr(model.config, "max_position_embeddings", prompt_len + new_tokens + 1)
     new_tokens = max(WARMUP + 1, min(new_tokens, limit - prompt_len - 1))
     was_training = model.training
     model.eval()
     try:
         if cuda_graph and next(model.parameters()).is_cuda:
+            graph_decode(model, batch_size, prompt_len, 2 * WARMUP)  # warm-up: kernels, autotuning, allocator
             _, seconds = graph_decode(model, batch_size, prompt_len, new_tokens)
             return batch_size * (new_tokens - WARMUP) / seconds, "cuda-graph"
         eager_decode(model, batch_size, prompt_len, WARMUP)  # warm-up
@@ -108,10 +110,3 @@ def llama3_8b_shape(layers: int = 32) -> LlamaConfig:
     return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                        max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
-
-
-def decode_tok_s(model, batch: int, prompt: int, new: int) -> float:
-    """Steady decode tokens/s on the static-cache CUDA-graph path, after a warm-up run."""
-    graph_decode(model, batch, prompt, 8)  # warm-up: kernels, allocator
-    _, seconds = graph_decode(model, batch, prompt, new)
-    return batch * (new - WARMUP) / seconds

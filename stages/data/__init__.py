@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimforge.io import atomic_dir, write_json, write_jsonl
+from slimforge.io import write_jsonl
+from slimforge.stage import open_stage
 from slimforge.tasks.records import load_labels, load_records
 from slimforge.tasks.suite import LABELS_FILE, build_suite
-from slimforge.tracking import stage_run
 from stages.data.params import DataParams
 
 # Files read by exact-match evaluation: a user's replacement must carry answers.
@@ -19,9 +19,9 @@ NEEDS_ANSWER = ("val.jsonl", "test.jsonl", "lora_val.jsonl", "lora_test.jsonl", 
                 "rl_test.jsonl")
 
 
-def run(params: DataParams, out_dir: str | Path, labels_dir: str | Path, metrics_path: str | Path) -> dict:
-    with stage_run("data", params.model_dump()) as tracker:
-        files, labels = build_suite(
+def run(params: DataParams, out: str | Path, labels: str | Path, metrics: str | Path) -> dict:
+    with open_stage("data", params.model_dump(), out=out, inputs=[], metrics=metrics) as stage:
+        files, label_rows = build_suite(
             seed=params.seed, n_train=params.train_per_family, n_val=params.val_per_family,
             n_test=params.test_per_family, n_judge_train=params.judge_train,
             n_judge_test=params.judge_test,
@@ -32,20 +32,16 @@ def run(params: DataParams, out_dir: str | Path, labels_dir: str | Path, metrics
             judge_families=tuple(params.judge_families))
         user = dict(params.user_files)
         if LABELS_FILE in user:
-            labels = load_labels(user.pop(LABELS_FILE))
+            label_rows = load_labels(user.pop(LABELS_FILE))
         elif "noisy.jsonl" in user:
-            labels = []  # the generated labels describe the generated set, not the user's
+            label_rows = []  # the generated labels describe the generated set, not the user's
         for name, path in user.items():
             files[name] = load_records(path, need_answer=name in NEEDS_ANSWER)
-        with atomic_dir(out_dir) as tmp:
+        with stage.output() as tmp:
             for name, records in files.items():
                 write_jsonl(tmp / name, records)
-        with atomic_dir(labels_dir) as tmp:
-            write_jsonl(tmp / LABELS_FILE, labels)
-        metrics = {"records": {name.removesuffix(".jsonl"): len(r) for name, r in files.items()},
-                   "noisy_wrong_fraction": (sum(not l["correct"] for l in labels) / len(labels)) if labels else 0.0}
-        write_json(metrics_path, metrics)
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(metrics_path)
-    return metrics
-
+        with stage.output(labels) as tmp:
+            write_jsonl(tmp / LABELS_FILE, label_rows)
+        wrong = sum(not row["correct"] for row in label_rows)
+        return stage.finish({"records": {name.removesuffix(".jsonl"): len(r) for name, r in files.items()},
+                             "noisy_wrong_fraction": wrong / len(label_rows) if label_rows else 0.0})

@@ -21,9 +21,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -31,13 +29,13 @@ import torch
 
 from slimforge import SlimforgeError
 from slimforge.batching import encode_records
-from slimforge.io import atomic_dir, read_jsonl, write_json, write_jsonl, write_provenance
+from slimforge.evaluate.judging import direct_probs, mean_logprob, pairwise_win_probs
+from slimforge.io import read_jsonl, write_jsonl, write_provenance
 from slimforge.modeling import load_model
+from slimforge.stage import open_stage
 from slimforge.tasks.records import load_records, resolve
-from slimforge.tracking import stage_run
 from slimforge.training import train_causal_lm
-from stages.filter.downstream import lora_accuracy
-from stages.filter.judge import direct_probs, mean_logprob, pairwise_win_probs
+from stages.filter.downstream import downstream_accuracy
 from stages.filter.params import FilterParams
 from stages.filter.ranking import calibrate_threshold, detection, draw_references, ranking_auc, vote
 
@@ -133,98 +131,83 @@ def score_methods(methods: dict[str, dict], wrong: list[bool]) -> dict[str, dict
             for name, m in methods.items()}
 
 
-def finetune_judge(judge, tokenizer, rows: list[dict], params: FilterParams, ckpt: Path) -> None:
-    ft = params.finetune
-    examples = encode_records(rows, tokenizer)
-    train_causal_lm(judge, examples, pad_id=tokenizer.pad_token_id, steps=ft.steps,
-                    batch_size=min(ft.batch_size, len(examples)), lr=ft.lr, warmup_steps=min(10, ft.steps),
-                    min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, seed=params.seed, checkpoint_dir=ckpt,
-                    checkpoint_every=0, fingerprint="judge-finetune", progress=False)
+def finetune_judge(judge, tokenizer, rows: list[dict], params: FilterParams, ckpt: Path, fingerprint: str) -> None:
+    train_causal_lm(judge, encode_records(rows, tokenizer), params.finetune, pad_id=tokenizer.pad_token_id,
+                    seed=params.seed, checkpoint_dir=ckpt, fingerprint=fingerprint, progress=False)
 
 
-def _fingerprint(params: FilterParams, judge_dir: Path, targets: list[dict], pool: list[dict]) -> str:
-    text = json.dumps([params.model_dump(), str(judge_dir), targets, pool], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+def meta_ranking(judge, tokenizer, targets: list[dict], pool: list[dict], params: FilterParams, stage) -> dict:
+    """Meta Ranking over `params.rounds` rounds (the judge fine-tuned on the kept rows in between)."""
+    judge.eval()
+    history = []
+    for r in range(params.rounds):
+        if r > 0:
+            finetune_judge(judge, tokenizer, [t for t, k in zip(targets, meta["kept"]) if k], params,
+                           stage.checkpoints / "ft", stage.fingerprint)
+            judge.eval()
+        meta = filter_rows(judge, tokenizer, targets, pool, params, stage.checkpoints, r)
+        history.append({"round": r + 1, "threshold": meta["threshold"], "pool_auc": meta["pool_auc"],
+                        "kept_fraction": sum(meta["kept"]) / len(targets)})
+        if meta["threshold"] is None:
+            print(f"filter: round {r + 1}: the judge separates the pool's right and wrong rows with AUC "
+                  f"{meta['pool_auc']:.3f} < min_pool_auc {params.min_pool_auc}: keeping every row")
+    return {**meta, "history": history}
 
 
-def run(params: FilterParams, base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-        metrics_path: str | Path, labels_dir: str | Path | None = None) -> dict:
-    """`base_dir`: the judge unless params.judge names one, and the model the downstream LoRAs train."""
-    data_dir, out_dir, base_dir = Path(data_dir), Path(out_dir), Path(base_dir)
-    judge_dir = Path(params.judge) if params.judge else base_dir
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    targets_path, pool_path = resolve(data_dir, params.targets), resolve(data_dir, params.pool)
+def baselines(judge_dir: Path, targets: list[dict], pool: list[dict], params: FilterParams, device: str) -> dict:
+    """Keep-all, direct judging and perplexity with the untouched judge (as Meta Ranking's round 1 had)."""
+    judge, tokenizer = load_model(judge_dir, device=device)
+    return {"direct": baseline(direct_probs, judge, tokenizer, targets, pool, params.batch_size, params.min_pool_auc),
+            "perplexity": baseline(mean_logprob, judge, tokenizer, targets, pool, params.batch_size,
+                                   params.min_pool_auc),
+            "keep_all": {"kept": [True] * len(targets), "threshold": None}}
+
+
+def write_outputs(folder: Path, targets: list[dict], ids: list[str], methods: dict, params: FilterParams) -> None:
+    """filtered.jsonl (Meta Ranking's kept rows) and scores.jsonl (every method's score per row)."""
+    kept = methods["meta_ranking"]["kept"]
+    write_jsonl(folder / "filtered.jsonl", [t for t, k in zip(targets, kept) if k])
+    write_jsonl(folder / "scores.jsonl", [
+        {"id": i, "kept": k, **{f"{name}_score": float(m["scores"][j]) for name, m in methods.items() if "scores" in m}}
+        for j, (i, k) in enumerate(zip(ids, kept))])
+    write_provenance(folder, "filter", params.model_dump(), parent=None)
+
+
+def run(params: FilterParams, model: str | Path, data: str | Path, out: str | Path, metrics: str | Path,
+        labels: str | Path | None = None) -> dict:
+    """`model`: the judge unless params.judge names one, and the model the downstream LoRAs train."""
+    data, base = Path(data), Path(model)
+    judge_dir = Path(params.judge) if params.judge else base
+    targets_path, pool_path = resolve(data, params.targets), resolve(data, params.pool)
     targets, pool = load_records(targets_path), load_pool(pool_path)
     if params.references > len(pool) - 1:
         raise SlimforgeError(f"references: {params.references} is more than the pool's {len(pool) - 1} usable "
                              f"examples ({pool_path})")
-    judge, tokenizer = load_model(judge_dir, device=device)  # a folder without a tokenizer fails here
-    ckpt = out_dir.parent / ".checkpoints" / out_dir.name
-    fp = _fingerprint(params, judge_dir, targets, pool)
-    if (ckpt / "fingerprint").exists() and (ckpt / "fingerprint").read_text() != fp:
-        shutil.rmtree(ckpt)  # another run's scores: never reuse them
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "fingerprint").write_text(fp)
-
-    with stage_run("filter", params.model_dump()) as tracker:
+    # Cached scores are valid only for this judge's weights and these rows: the fingerprint hashes
+    # the contents, so a judge retrained at the same path starts afresh.
+    with open_stage("filter", params.model_dump(), out=out, inputs=[judge_dir, targets_path, pool_path],
+                    metrics=metrics) as stage:
+        judge, tokenizer = load_model(judge_dir, device=stage.device)  # a folder without a tokenizer fails here
         started = time.perf_counter()
-        judge.eval()
-        methods, history = {}, []
-        for r in range(params.rounds):
-            if r > 0:
-                finetune_judge(judge, tokenizer, [t for t, k in zip(targets, meta["kept"]) if k], params, ckpt / "ft")
-                judge.eval()
-            meta = filter_rows(judge, tokenizer, targets, pool, params, ckpt, r)
-            history.append({"round": r + 1, "threshold": meta["threshold"], "pool_auc": meta["pool_auc"],
-                            "kept_fraction": sum(meta["kept"]) / len(targets)})
-            if meta["threshold"] is None:
-                print(f"filter: round {r + 1}: the judge separates the pool's right and wrong rows with AUC "
-                      f"{meta['pool_auc']:.3f} < min_pool_auc {params.min_pool_auc}: keeping every row")
-        methods["meta_ranking"] = meta
+        methods = {"meta_ranking": meta_ranking(judge, tokenizer, targets, pool, params, stage)}
         seconds = time.perf_counter() - started
         if params.baselines:
-            judge, tokenizer = load_model(judge_dir, device=device)  # the untouched judge, as meta round 1 had
-            methods["direct"] = baseline(direct_probs, judge, tokenizer, targets, pool, params.batch_size,
-                                         params.min_pool_auc)
-            methods["perplexity"] = baseline(mean_logprob, judge, tokenizer, targets, pool, params.batch_size,
-                                             params.min_pool_auc)
-            methods["keep_all"] = {"kept": [True] * len(targets), "threshold": None}
+            methods.update(baselines(judge_dir, targets, pool, params, stage.device))
         ids = [t.get("id", str(i)) for i, t in enumerate(targets)]
-        with atomic_dir(out_dir) as tmp:
-            write_jsonl(tmp / "filtered.jsonl", [t for t, k in zip(targets, meta["kept"]) if k])
-            write_jsonl(tmp / "scores.jsonl", [
-                {"id": i, "kept": k, **{f"{name}_score": float(m["scores"][j]) for name, m in methods.items()
-                                         if "scores" in m}}
-                for j, (i, k) in enumerate(zip(ids, meta["kept"]))])
-            write_provenance(tmp, "filter", params.model_dump(), parent=None)
-        metrics = {"kept_fraction": sum(meta["kept"]) / len(targets), "threshold": meta["threshold"],
-                   "pool_auc": {name: m["pool_auc"] for name, m in methods.items() if m.get("pool_auc") is not None},
-                   "pairs_per_s": meta["pairs_per_s"], "seconds": seconds, "rounds": history,
-                   "targets": len(targets), "references": params.references}
-        # The labels are read only now, after the filtered data exists, to score each method.
-        if labels_dir is not None and (Path(labels_dir) / LABELS_FILE).exists():
-            wrong = read_wrong(labels_dir, ids)
-            metrics["detection"] = score_methods(methods, wrong)
-            metrics["wrong_fraction"] = sum(wrong) / len(wrong)
-        ds = params.downstream
-        if ds.steps > 0:
-            tests = load_records(resolve(data_dir, ds.test_file), need_answer=True)
-            kept = {name: methods[name]["kept"] for name in ("meta_ranking", "direct", "keep_all") if name in methods}
-            if "wrong_fraction" in metrics:  # the upper bound a perfect filter reaches (evaluation only)
-                kept["oracle"] = [not w for w in wrong]
-            acc, by_rows = {}, {}
-            for name, keep in kept.items():
-                if not any(keep):
-                    continue
-                if tuple(keep) not in by_rows:  # methods that kept the same rows share one run (same recipe, seed)
-                    rows = [t for t, k in zip(targets, keep) if k]
-                    by_rows[tuple(keep)] = lora_accuracy(base_dir, rows, tests, steps=ds.steps, rank=ds.rank,
-                                                         lr=ds.lr, batch_size=ds.batch_size, seed=params.seed,
-                                                         checkpoint_dir=ckpt / f"lora-{name}", device=device)
-                acc[name] = by_rows[tuple(keep)]
-            metrics["downstream_accuracy"] = acc
-        write_json(metrics_path, metrics)
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(metrics_path)
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return metrics
+        with stage.output() as tmp:
+            write_outputs(tmp, targets, ids, methods, params)
+        meta = methods["meta_ranking"]
+        report = {"kept_fraction": sum(meta["kept"]) / len(targets), "threshold": meta["threshold"],
+                  "pool_auc": {name: m["pool_auc"] for name, m in methods.items() if m.get("pool_auc") is not None},
+                  "pairs_per_s": meta["pairs_per_s"], "seconds": seconds, "rounds": meta["history"],
+                  "targets": len(targets), "references": params.references}
+        wrong = None  # the labels are read only now, after the filtered data exists, to score each method
+        if labels is not None and (Path(labels) / LABELS_FILE).exists():
+            wrong = read_wrong(labels, ids)
+            report["detection"] = score_methods(methods, wrong)
+            report["wrong_fraction"] = sum(wrong) / len(wrong)
+        if params.downstream.steps > 0:
+            report["downstream_accuracy"] = downstream_accuracy(
+                base, targets, methods, wrong, load_records(resolve(data, params.downstream.test_file), need_answer=True),
+                params.downstream, params.seed, stage)
+        return stage.finish(report)

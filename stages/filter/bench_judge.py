@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from slimforge.tasks.judge import VERDICTS, pairwise_prompt, verify_prompt
 from slimforge.tasks.suite import noisy_records, reference_records
 from slimforge.tokenizer import build_tokenizer
-from stages.filter.judge import pairwise_win_probs
+from slimforge.evaluate.judging import pairwise_win_probs
 
 
 def judge_1b() -> LlamaForCausalLM:

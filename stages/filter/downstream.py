@@ -1,26 +1,43 @@
-"""Downstream check of a filter: the same LoRA recipe trained on the kept rows and on all rows
-(same steps, same seed), scored by exact match on a held-out test file. (The lora stage will do
-this properly; this is the measurement the filter stage reports.)"""
+"""Downstream check of a filter: the library's LoRA recipe trained on each method's kept rows (same
+schedule, same seed), scored by exact match on a held-out test file; with labels, also on the
+truly correct rows only (`oracle`: what a perfect filter would reach)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from slimforge.adapters import PROJECTIONS, add_lora
+from slimforge.adapters import PROJECTIONS, train_lora
 from slimforge.batching import encode_records
 from slimforge.evaluate.generation import exact_match
 from slimforge.modeling import load_model
-from slimforge.training import train_causal_lm
+from stages.filter.params import Downstream
 
-def lora_accuracy(model_dir: str | Path, records: list[dict], tests: list[dict], *, steps: int, rank: int,
-                  lr: float, batch_size: int, seed: int, checkpoint_dir: str | Path, device: str) -> float:
+
+def lora_accuracy(model_dir: Path, records: list[dict], tests: list[dict], ds: Downstream, seed: int,
+                  checkpoint_dir: Path, fingerprint: str, device: str) -> float:
     """Mean exact match on `tests` of `model_dir` + a LoRA trained on `records`."""
     model, tokenizer = load_model(model_dir, device=device)
-    model = add_lora(model, rank, 2 * rank, list(PROJECTIONS), seed=seed)
-    examples = encode_records(records, tokenizer)
-    train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=steps, batch_size=min(batch_size, len(examples)),
-                    lr=lr, warmup_steps=min(20, steps // 10), min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
-                    seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=0, fingerprint="downstream",
-                    progress=False)
+    model, _ = train_lora(model, encode_records(records, tokenizer), ds, rank=ds.rank, alpha=ds.alpha,
+                          targets=list(PROJECTIONS), seed=seed, pad_id=tokenizer.pad_token_id,
+                          checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, progress=False)
     accuracy = exact_match(model, tokenizer, tests)
     return sum(accuracy.values()) / len(accuracy)
+
+
+def downstream_accuracy(model_dir: Path, targets: list[dict], methods: dict, wrong: list[bool] | None,
+                        tests: list[dict], ds: Downstream, seed: int, stage) -> dict[str, float]:
+    """{method: accuracy} for Meta Ranking, direct judging, keep-all and (with labels) the oracle.
+    Methods that kept the same rows share one run (same recipe, same seed: the same adapter)."""
+    kept = {name: methods[name]["kept"] for name in ("meta_ranking", "direct", "keep_all") if name in methods}
+    if wrong is not None:  # the upper bound a perfect filter reaches (evaluation only)
+        kept["oracle"] = [not w for w in wrong]
+    accuracy, by_rows = {}, {}
+    for name, keep in kept.items():
+        if not any(keep):
+            continue
+        if tuple(keep) not in by_rows:
+            rows = [t for t, k in zip(targets, keep) if k]
+            by_rows[tuple(keep)] = lora_accuracy(model_dir, rows, tests, ds, seed, stage.checkpoints / f"lora-{name}",
+                                                 stage.fingerprint, stage.device)
+        accuracy[name] = by_rows[tuple(keep)]
+    return accuracy

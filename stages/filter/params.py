@@ -4,22 +4,19 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from slimforge.config import Schema
+from slimforge.config import Schedule, Schema
 
 
-class Finetune(Schema):
-    steps: int = Field(100, ge=1, description="judge fine-tuning steps on the kept data between rounds")
-    lr: float = Field(5e-4, gt=0, description="learning rate of that fine-tune")
-    batch_size: int = Field(64, ge=1, description="sequences per step")
+class Finetune(Schedule):
+    """The judge's fine-tune on the kept rows between rounds."""
 
 
-class Downstream(Schema):
-    steps: int = Field(300, ge=0, description="LoRA steps on the kept and on all rows, each (0: skip the "
-                       "downstream comparison)")
+class Downstream(Schedule):
+    """LoRA on each method's kept rows (steps 0: skip the downstream comparison)."""
+
     rank: int = Field(8, ge=1, description="LoRA rank")
-    lr: float = Field(2e-3, gt=0, description="LoRA learning rate")
-    batch_size: int = Field(64, ge=1, description="sequences per step")
-    test_file: str = Field("lora_test.jsonl", description="suite file the two LoRAs are scored on")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/rank)")
+    test_file: str = Field("lora_test.jsonl", description="suite file the LoRAs are scored on")
 
 
 class FilterParams(Schema):
@@ -37,8 +34,10 @@ class FilterParams(Schema):
                                 "row (0: never)")
     rounds: int = Field(1, ge=1, description="filter rounds; between rounds the judge is fine-tuned briefly "
                         "on what was kept")
-    finetune: Finetune = Field(Finetune(), description="the judge's fine-tune between rounds")
+    finetune: Finetune = Field(Finetune(steps=100, lr=5e-4, warmup_steps=10, batch_size=64, checkpoint_every=0),
+                               description="the judge's fine-tune between rounds")
     baselines: bool = Field(True, description="also run keep-all, direct single-response judging and "
                             "perplexity filtering (each with a pool-calibrated threshold)")
-    downstream: Downstream = Field(Downstream(), description="LoRA on kept vs all rows, scored on a test file")
+    downstream: Downstream = Field(Downstream(steps=300, lr=2e-3, warmup_steps=20, batch_size=64, checkpoint_every=0),
+                                   description="LoRA on kept vs all rows, scored on a test file")
     batch_size: int = Field(256, ge=1, description="judge prompts per forward pass")

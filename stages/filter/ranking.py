@@ -3,7 +3,8 @@ calibration and detection metrics. (Meta Ranking has no released code; every cho
 documented here.)
 
 A target (query, response) is compared with N labelled references. For each pair the judge says
-which of the two is correct, in both orders; the debiased probability that the target wins is
+which of the two is correct, in both orders; the debiased probability that the target wins
+(slimforge.evaluate.judging.debiased_win) is
 
     p = ( P(A | target shown as A) + P(B | target shown as B) ) / 2
 
@@ -49,11 +50,6 @@ def draw_references(n_targets: int, correct: list[bool], n: int, balanced: bool,
         else:
             out.append(rng.sample([i for i in range(len(correct)) if i != skip], n))
     return out
-
-
-def debiased_win(p_a_target_first: torch.Tensor, p_a_target_second: torch.Tensor) -> torch.Tensor:
-    """P(target wins), averaged over the two orders (cancels the judge's position bias)."""
-    return 0.5 * (p_a_target_first + (1.0 - p_a_target_second))
 
 
 def vote(p_win: torch.Tensor, ref_correct: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ model, recover the adapters to the full model's shape, infer with the full model
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -33,17 +32,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimforge import SlimforgeError
-from slimforge.adapters import add_lora, check_targets, load_adapter
+from slimforge.adapters import check_targets, load_adapter, train_lora
 from slimforge.batching import encode_records
 from slimforge.evaluate import evaluate_suite
-from slimforge.io import atomic_dir, folder_hash, write_json, write_provenance
+from slimforge.io import folder_hash, write_provenance
+from slimforge.losses import causal_lm_loss, distillation_loss
 from slimforge.modeling import load_model
 from slimforge.plots import write_curve
 from slimforge.pruning import PrunePlan, prune_model, save_pruned
 from slimforge.quantized import save_quantized
+from slimforge.stage import open_stage
 from slimforge.tasks.families import LORA_FAMILY
 from slimforge.tasks.records import load_records, resolve
-from slimforge.tracking import stage_run
 from slimforge.training import train_causal_lm
 from stages.lora.params import LoraParams
 from stages.lora.recover import recover_state
@@ -75,53 +75,20 @@ def small_model(params: LoraParams, base: torch.nn.Module, plan: PrunePlan | Non
     return prune_model(base, plan)  # selection only: the base's own weights at the kept positions
 
 
-def state_bytes(model: torch.nn.Module) -> int:
-    """Weights and buffers held during training plus AdamW's two moments of the trainable ones."""
-    held = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return held + 2 * trainable
-
-
-def train_lora(model: torch.nn.Module, examples: list, pad_id: int, params: LoraParams, ckpt: Path,
-               fingerprint: str, on_log=None) -> tuple[torch.nn.Module, dict]:
-    """Wrap `model` with fresh adapters and train them. Returns (peft model, training report)."""
-    peft_model = add_lora(model, params.rank, params.alpha, params.targets, params.dropout, seed=params.seed)
-    t = params.train
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    history = train_causal_lm(
-        peft_model, examples, pad_id=pad_id, steps=t.steps, batch_size=min(t.batch_size, len(examples)), lr=t.lr,
-        warmup_steps=t.warmup_steps, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, seed=params.seed,
-        checkpoint_dir=ckpt, checkpoint_every=t.checkpoint_every, fingerprint=fingerprint, on_log=on_log)
-    report = {"seconds": history["seconds"], "tokens_per_s": history["steady_tokens_per_s"],
-              "state_bytes": state_bytes(peft_model), "resumed_from": history["resumed_from"],
-              "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
-              "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-              "losses": history["losses"]}
-    return peft_model, report
-
-
 def align(model: torch.nn.Module, params: LoraParams, data_dir: Path, tokenizer, ckpt: Path, fingerprint: str,
           teacher: torch.nn.Module, train_rows: list[dict]) -> dict:
     """LoRAM's alignment, full-parameter: continual pre-training (ce_weight) and/or distillation
     from the full model, of its outputs (kl_weight) and of its residual stream after every layer
-    (hidden_weight). The adapters act inside the layers, so a pruned model that computes like
-    the full one inside trains adapters that transfer: on the embedded model the recovered adapter
-    reached 0.938 with hidden_weight alone, 0.906 with KL alone, 0.828 with continual pre-training,
-    0.74 with no alignment (full-model LoRA: 0.968)."""
+    (hidden_weight). The adapters act inside the layers, so a pruned model that computes like the
+    full one inside trains adapters that transfer (README, lora stage, has the measurements)."""
     a = params.align
     rows = [r for f in a.files for r in load_records(data_dir / f)] + (train_rows if a.with_train_rows else [])
     examples = encode_records(rows, tokenizer, max_len=params.train.max_len)
+    loss_fn = (distillation_loss(teacher, ce_weight=a.ce_weight, kl_weight=a.kl_weight, hidden_weight=a.hidden_weight)
+               if a.kl_weight or a.hidden_weight else causal_lm_loss)
     model.requires_grad_(True)
-    history = train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=a.steps,
-                              batch_size=min(a.batch_size, len(examples)), lr=a.lr, warmup_steps=min(10, a.steps),
-                              min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, seed=params.seed,
-                              checkpoint_dir=ckpt, checkpoint_every=params.train.checkpoint_every,
-                              fingerprint=fingerprint, progress=False,
-                              teacher=teacher if a.kl_weight or a.hidden_weight else None,
-                              kl_weight=a.kl_weight, ce_weight=a.ce_weight, hidden_weight=a.hidden_weight)
+    history = train_causal_lm(model, examples, a, loss_fn=loss_fn, pad_id=tokenizer.pad_token_id, seed=params.seed,
+                              checkpoint_dir=ckpt, fingerprint=fingerprint, progress=False)
     model.requires_grad_(False)
     return {"steps": a.steps, "seconds": history["seconds"], "final_loss": history["losses"][-1]}
 
@@ -147,9 +114,23 @@ def _set_base_ref(adapter: Path, base_ref: str) -> None:
     (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _fingerprint(params: LoraParams, *folders: Path | None) -> str:
-    text = json.dumps(params.model_dump(), sort_keys=True) + "".join(folder_hash(f) for f in folders if f)
-    return hashlib.sha256(text.encode()).hexdigest()
+def write_adapters(tmp: Path, trained, params: LoraParams, plan: PrunePlan | None, tokenizer, base_dir: Path,
+                   out: Path, quantized_dir: Path | None) -> None:
+    """adapter/ (for the base: the product), and for a pruned run also pruned_adapter/ and the
+    (aligned) small model it belongs to, pruned_model/, which is saved nowhere else."""
+    if params.model == "base":
+        trained.save_pretrained(tmp / "adapter")
+        _set_base_ref(tmp / "adapter", str(base_dir))
+    else:
+        trained.save_pretrained(tmp / "pruned_adapter")
+        _set_base_ref(tmp / "pruned_adapter", str(out / "pruned_model"))
+        write_recovered(tmp / "pruned_adapter", plan, str(base_dir), params, tmp / "adapter")
+        small = trained.unload()  # the adapters' layers removed, the frozen modules back
+        if params.model == "quantized":
+            save_quantized(small, tokenizer, quantized_dir, tmp / "pruned_model")
+        else:
+            save_pruned(small, tokenizer, plan, tmp / "pruned_model")
+    write_provenance(tmp, "lora", params.model_dump(), parent=folder_hash(base_dir))
 
 
 def _summary(result: dict) -> dict:
@@ -157,86 +138,59 @@ def _summary(result: dict) -> dict:
             "ppl": result.get("ppl"), "accuracy": result["accuracy"], "params": result["params"]}
 
 
-def run(params: LoraParams, base_dir: str | Path, pruned_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-        metrics_path: str | Path, plots_dir: str | Path, quantized_dir: str | Path | None = None,
-        filtered_dir: str | Path | None = None) -> dict:
-    base_dir, pruned_dir, data_dir, out_dir = Path(base_dir), Path(pruned_dir), Path(data_dir), Path(out_dir)
-    quantized_dir = Path(quantized_dir) if quantized_dir else None
-    filtered_dir = Path(filtered_dir) if filtered_dir else None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Everything that can be wrong is checked before any training.
-    base, tokenizer = load_model(base_dir, device=device)
-    check_targets(base, params.targets)
-    plan = None
-    if params.model != "base":
-        plan = PrunePlan.load(pruned_dir / "plan.json")
-        plan.check_matches(base.config)
-    rows = training_rows(params, data_dir, filtered_dir)
-    examples = [e for e in encode_records(rows, tokenizer, max_len=params.train.max_len) if len(e[0]) > e[1]]
-    if not examples:
-        raise SlimforgeError("no usable training rows: every row's prompt fills max_len, leaving no response tokens")
-    ckpt = out_dir.parent / ".checkpoints" / out_dir.name
-    sources = [base_dir, pruned_dir if params.model == "pruned" else None,
-               quantized_dir if params.model == "quantized" else None]
-    fingerprint = _fingerprint(params, *sources)
-    evaluate = lambda m: evaluate_suite(m, tokenizer, data_dir, batch_size=params.eval_batch_size,  # noqa: E731
-                                        speed=False)
-
-    with stage_run("lora", params.model_dump()) as tracker:
-        results, training = {}, {}
-        if params.baselines:
-            results["base"] = _summary(evaluate(base))
-        small = small_model(params, base, plan, pruned_dir, quantized_dir, device)
+def run(params: LoraParams, base: str | Path, pruned: str | Path, data: str | Path, out: str | Path,
+        metrics: str | Path, plots: str | Path, quantized: str | Path | None = None,
+        filtered: str | Path | None = None) -> dict:
+    base_dir, pruned_dir, data, out = Path(base), Path(pruned), Path(data), Path(out)
+    quantized_dir, filtered_dir = (Path(quantized) if quantized else None), (Path(filtered) if filtered else None)
+    inputs = [base_dir, data, *([pruned_dir] if params.model != "base" else []),
+              *([quantized_dir] if params.model == "quantized" and quantized_dir else []),
+              *([filtered_dir] if params.data == "filtered" and filtered_dir else [])]
+    with open_stage("lora", params.model_dump(), out=out, inputs=inputs, metrics=metrics, plots=plots) as stage:
+        base_model, tokenizer = load_model(base_dir, device=stage.device)
+        check_targets(base_model, params.targets)  # everything that can be wrong is checked before training
+        plan = None if params.model == "base" else PrunePlan.load(pruned_dir / "plan.json")
+        if plan is not None:
+            plan.check_matches(base_model.config)
+        rows = training_rows(params, data, filtered_dir)
+        examples = [e for e in encode_records(rows, tokenizer, max_len=params.train.max_len) if len(e[0]) > e[1]]
+        if not examples:
+            raise SlimforgeError("no usable training rows: every row's prompt fills max_len, leaving no response tokens")
+        evaluate = lambda m: _summary(evaluate_suite(m, tokenizer, data, batch_size=params.eval_batch_size,  # noqa: E731
+                                                     speed=False))
+        lora = lambda model, name: train_lora(  # noqa: E731
+            model, examples, params.train, rank=params.rank, alpha=params.alpha, targets=params.targets,
+            dropout=params.dropout, seed=params.seed, pad_id=tokenizer.pad_token_id,
+            checkpoint_dir=stage.checkpoints / name, fingerprint=stage.fingerprint, on_log=stage.logger(f"{name}_"))
+        results, training = ({"base": evaluate(base_model)} if params.baselines else {}), {}
+        small = small_model(params, base_model, plan, pruned_dir, quantized_dir, stage.device)
         small.requires_grad_(False)
         if params.align.steps and params.model != "base":  # packed weights stay frozen: their factors, norms
             # and embeddings align
-            training["align"] = align(small, params, data_dir, tokenizer, ckpt / "align", fingerprint, base, rows)
-        log = lambda name: (lambda step, m: tracker.log_step(step, {f"{name}_{k}": v for k, v in m.items()}))  # noqa: E731
+            training["align"] = align(small, params, data, tokenizer, stage.checkpoints / "align", stage.fingerprint,
+                                      base_model, rows)
         name = "loram" if params.model != "base" else "lora"
-        trained, training[name] = train_lora(small, examples, tokenizer.pad_token_id, params, ckpt / name,
-                                             fingerprint, log(name))
+        trained, training[name] = lora(small, name)
         if params.model != "base":
-            results["pruned_adapter"] = _summary(evaluate(trained))
-
-        with atomic_dir(out_dir) as tmp:
-            if params.model == "base":
-                trained.save_pretrained(tmp / "adapter")
-                _set_base_ref(tmp / "adapter", str(base_dir))
-            else:
-                trained.save_pretrained(tmp / "pruned_adapter")
-                _set_base_ref(tmp / "pruned_adapter", str(out_dir / "pruned_model"))
-                write_recovered(tmp / "pruned_adapter", plan, str(base_dir), params, tmp / "adapter")
-                # The small model the pruned adapter belongs to (cut, aligned: saved nowhere else).
-                small = trained.unload()  # the adapters' layers removed, the frozen modules back
-                if params.model == "quantized":
-                    save_quantized(small, tokenizer, quantized_dir, tmp / "pruned_model")
-                else:
-                    save_pruned(small, tokenizer, plan, tmp / "pruned_model")
-            write_provenance(tmp, "lora", params.model_dump(), parent=folder_hash(base_dir))
+            results["pruned_adapter"] = evaluate(trained)
+        with stage.output() as tmp:
+            write_adapters(tmp, trained, params, plan, tokenizer, base_dir, out, quantized_dir)
         del trained, small
-        fresh, _ = load_model(base_dir, device=device)  # the product: untouched base + the saved adapter
-        results["recovered" if params.model != "base" else "lora"] = _summary(evaluate(load_adapter(fresh, out_dir / "adapter")))
-
-        if params.baselines and params.model != "base":  # `base` is still untouched (only read as teacher)
-            base.requires_grad_(False)
-            trained, training["full_lora"] = train_lora(base, examples, tokenizer.pad_token_id, params,
-                                                        ckpt / "full_lora", fingerprint, log("full_lora"))
-            results["full_lora"] = _summary(evaluate(trained))
+        fresh, _ = load_model(base_dir, device=stage.device)  # the product: untouched base + the saved adapter
+        results["recovered" if params.model != "base" else "lora"] = evaluate(load_adapter(fresh, out / "adapter"))
+        if params.baselines and params.model != "base":  # the base model is still untouched (only read as teacher)
+            base_model.requires_grad_(False)
+            trained, training["full_lora"] = lora(base_model, "full_lora")
+            results["full_lora"] = evaluate(trained)
             del trained
-
-        metrics = {"model": params.model, "prune_weights": params.prune_weights if params.model == "pruned" else None,
-                   "train_rows": len(examples), "results": results,
-                   "training": {k: {m: v for m, v in r.items() if m != "losses"} for k, r in training.items()}}
-        metrics.update(_ratios(results, training))
-        write_json(metrics_path, metrics)
+        report = {"model": params.model, "prune_weights": params.prune_weights if params.model == "pruned" else None,
+                  "train_rows": len(examples), "results": results,
+                  "training": {k: {m: v for m, v in r.items() if m != "losses"} for k, r in training.items()},
+                  **_ratios(results, training)}
         curves = {k: r["losses"] for k, r in training.items() if "losses" in r}
-        steps = list(range(1, params.train.steps + 1))
-        for f in write_curve(Path(plots_dir) / "loss", steps, curves, "step", "lora: training loss", smooth=10):
-            tracker.log_artifact(f, "plots")
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(metrics_path)
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return metrics
+        files = write_curve(Path(plots) / "loss", list(range(1, params.train.steps + 1)), curves, "step",
+                            "lora: training loss", smooth=10)
+        return stage.finish(report, plots=files)
 
 
 def _ratios(results: dict, training: dict) -> dict:

@@ -7,31 +7,25 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from slimforge.adapters import PROJECTIONS, check_projections
-from slimforge.config import Schema
+from slimforge.config import Schedule, Schema
 
 
-class Train(Schema):
-    steps: int = Field(300, ge=1, description="optimizer steps of each LoRA run (LoRAM and the full-model baseline)")
-    lr: float = Field(2e-3, gt=0, description="peak learning rate of the adapters")
-    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
-    batch_size: int = Field(64, ge=1, description="sequences per step")
+class Train(Schedule):
+    """Each LoRA run (LoRAM and the full-model baseline)."""
+
     max_len: int = Field(64, ge=8, description="tokens per training sequence at most")
-    checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints (0: never)")
 
 
-class Align(Schema):
-    steps: int = Field(600, ge=0, description="LoRAM alignment: full-parameter training of the pruned model "
-                       "before LoRA so it computes like the full model (0: none; ignored with model: base; with model: quantized "
-                       "the packed weights stay frozen and the correction factors, norms and embeddings train)")
-    lr: float = Field(3e-4, gt=0, description="learning rate of the alignment (1e-3 moved the kept weights so far "
-                      "from the base's that the recovered adapter lost 0.25 accuracy)")
-    batch_size: int = Field(64, ge=1, description="sequences per alignment step")
+class Align(Schedule):
+    """LoRAM's alignment: full-parameter training of the pruned model before LoRA so it computes like
+    the full model (steps 0: none; ignored with model: base; with model: quantized the packed weights
+    stay frozen and the correction factors, norms and embeddings train)."""
+
     files: list[str] = Field(["train.jsonl"], description="suite files (in the data folder) of base-task text")
     with_train_rows: bool = Field(True, description="also align on the LoRA training rows' text (with ce_weight 0 "
                                   "only the base model's view of them is learned, not their responses)")
     hidden_weight: float = Field(1.0, ge=0, description="weight of the residual-stream match to the base model "
-                                 "after every layer (normalised squared error): the pruned model learns to compute "
-                                 "like the full one inside, where the adapters act")
+                                 "after every layer (normalised squared error)")
     kl_weight: float = Field(0.0, ge=0, description="weight of KL(base || pruned) over the vocabulary at every "
                              "position (output distillation)")
     ce_weight: float = Field(0.0, ge=0, description="weight of the next-token cross-entropy on responses "
@@ -61,8 +55,10 @@ class LoraParams(Schema):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/rank)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
     targets: list[str] = Field(list(PROJECTIONS), description=f"projections that get adapters, among {PROJECTIONS}")
-    train: Train = Field(Train(), description="the LoRA runs")
-    align: Align = Field(Align(), description="optional alignment of the pruned model before LoRA")
+    train: Train = Field(Train(steps=300, lr=2e-3, warmup_steps=20, batch_size=64, checkpoint_every=100),
+                         description="the LoRA runs")
+    align: Align = Field(Align(steps=600, lr=3e-4, warmup_steps=10, batch_size=64, checkpoint_every=100),
+                         description="optional alignment of the pruned model before LoRA")
     recovery: Recovery = Field(Recovery(), description="how adapters are expanded to the full model")
     baselines: bool = Field(True, description="also evaluate the untouched base and train LoRA on the full "
                             "model with the same data and steps")

@@ -17,154 +17,110 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
 
-import torch
-
-from slimforge.evaluate import evaluate_suite
 from slimforge.batching import calibration_batches
-from slimforge.io import atomic_dir, folder_hash, write_json, write_provenance
+from slimforge.evaluate import evaluate_suite
+from slimforge.io import folder_hash, write_provenance
 from slimforge.modeling import load_model
 from slimforge.plots import write_bars, write_curve
 from slimforge.pruning import model_dims, prune_model, save_pruned
+from slimforge.stage import open_stage
 from slimforge.tasks.records import load_records
-from slimforge.tracking import stage_run
-from stages.prune.calibration import dense_logits, mean_kl
-from stages.prune.genome import (apply_genome, level_grid, lora_unit_scores, plan_and_weights,
-                                 removed_weights, uniform_keep)
+from stages.prune.calibration import KLProbe, kl_probe
+from stages.prune.genome import apply_genome, lora_unit_scores, plan_and_weights
 from stages.prune.loraprune import loraprune_importance
 from stages.prune.params import PruneParams
-from stages.prune.search import evolve
-from stages.prune.supernet import attention_layout, build_supernet, load_supernet, mlp_layout, save_supernet
+from stages.prune.search import coarse_to_fine
+from stages.prune.space import SearchSpace, search_space
+from stages.prune.supernet import Criterion, build_supernet
 
 HELDOUT_FILE = "val.jsonl"
 
 
-def _fingerprint(params: PruneParams, base_dir: Path) -> str:
-    return hashlib.sha256((json.dumps(params.model_dump(), sort_keys=True) + folder_hash(base_dir)).encode()).hexdigest()
+def probes(dense, tokenizer, params: PruneParams, data: Path, device: str) -> tuple[KLProbe, KLProbe]:
+    """KL probes on calibration batches (the search's fitness) and on held-out batches (the report)."""
+    c = params.calibration
+    to_dev = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
+    records = [r for f in c.files for r in load_records(data / f)]
+    batches = to_dev(calibration_batches(records, tokenizer, c.samples, c.max_len, c.batch_size, params.seed))
+    heldout = to_dev(calibration_batches(load_records(data / HELDOUT_FILE), tokenizer, c.samples, c.max_len,
+                                         c.batch_size, params.seed + 1))
+    return kl_probe(dense, batches), kl_probe(dense, heldout)
 
 
-def run(params: PruneParams, base_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-        metrics_path: str | Path, plots_dir: str | Path) -> dict:
-    base_dir, data_dir, out_dir, plots_dir = Path(base_dir), Path(data_dir), Path(out_dir), Path(plots_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(base_dir, device=device)
-    arch, dims = model_dims(model.config)  # unsupported architectures fail here, before any work
-    n_layers, g = model.config.num_hidden_layers, dims["num_heads"] // dims["num_kv_heads"]
-    layouts = {"attn": attention_layout(dims["num_heads"], dims["num_kv_heads"], dims["head_dim"],
-                                        dims["hidden_size"], params.attention_unit),
-               "mlp": mlp_layout(dims["intermediate_size"], dims["hidden_size"])}
-    centre_of = {k: uniform_keep(lay, params.sparsity, params.mlp_round_to) for k, lay in layouts.items()}
-    sublayers = [(i, kind) for i in range(n_layers) for kind in ("attn", "mlp")]
-    kinds = [kind for _, kind in sublayers]
-    ckpt = out_dir.parent / ".checkpoints" / out_dir.name
-    fp = _fingerprint(params, base_dir)
-    stale = ckpt.exists() and (not (ckpt / "fingerprint").exists() or (ckpt / "fingerprint").read_text() != fp)
-    if stale:  # another run's state (other params or base model): never resume into it
-        shutil.rmtree(ckpt)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "fingerprint").write_text(fp)
+def criterion_for(dense, batches: list[dict], dims: dict, space: SearchSpace, params: PruneParams) -> Criterion:
+    """The local criterion; LoRAPrune's importance comes from a short LoRA pass here."""
+    g = dims["num_heads"] // dims["num_kv_heads"]
+    scores = None
+    if params.criterion == "loraprune":
+        lp = params.loraprune
+        imp = loraprune_importance(dense, batches, lp.rank, lp.steps, lp.lr, lp.ema, params.seed)
+        scores = lora_unit_scores(imp, dense.config.num_hidden_layers, dims["head_dim"], g, params.attention_unit,
+                                  space.layouts)
+    return Criterion(params.criterion, params.refit, params.obs.rounds, params.obs.damp, dims["head_dim"], g,
+                     params.attention_unit, scores)
 
-    with stage_run("prune", params.model_dump()) as tracker:
+
+def uniform_baseline(dense, tokenizer, work, space: SearchSpace, criterion: Criterion, probe: KLProbe,
+                     heldout: KLProbe, cut, params: PruneParams, data: Path) -> dict:
+    """Every sublayer at the target sparsity with the same criterion, pruned in sequence."""
+    uniform = build_supernet(dense, probe.batches, space.sublayers, space.layouts, [[k] for k in space.uniform],
+                             criterion)
+    apply_genome(work, uniform, space.sublayers, space.uniform)
+    return {"kl": probe(work), "kl_heldout": heldout(work),
+            "eval": evaluate_suite(cut(uniform, space.uniform), tokenizer, data, batch_size=params.eval_batch_size,
+                                   speed=False)}
+
+
+def plot(space: SearchSpace, history: list[float], criterion: str, plots: Path) -> list[Path]:
+    n_layers = len(space.sublayers) // 2
+    bars = {f"{kind} {which}": space.sparsity_per_layer(keeps, kind)
+            for which, keeps in (("searched", space.centre), ("uniform", space.uniform)) for kind in ("attn", "mlp")}
+    bars = {k: bars[k] for k in ("attn searched", "mlp searched", "attn uniform", "mlp uniform")}
+    return [*write_bars(plots / "sparsity", [f"layer {i}" for i in range(n_layers)], bars,
+                        "share of weights removed", f"prune: per-layer sparsity ({criterion})"),
+            *write_curve(plots / "fitness", list(range(1, len(history) + 1)), {"kl": history}, "generation",
+                         "prune: best KL per generation")]
+
+
+def run(params: PruneParams, model: str | Path, data: str | Path, out: str | Path, metrics: str | Path,
+        plots: str | Path) -> dict:
+    data, out = Path(data), Path(out)
+    with open_stage("prune", params.model_dump(), out=out, inputs=[Path(model), data], metrics=metrics,
+                    plots=plots) as stage:
+        dense, tokenizer = load_model(model, device=stage.device)
+        arch, dims = model_dims(dense.config)  # unsupported architectures fail here, before any work
+        s = params.search
+        space = search_space(dims, dense.config.num_hidden_layers, params.sparsity, params.attention_unit,
+                             params.mlp_round_to, s.delta, s.levels)
         started = time.perf_counter()
-        records = [r for f in params.calibration.files for r in load_records(data_dir / f)]
-        to_dev = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
-        c = params.calibration
-        batches = to_dev(calibration_batches(records, tokenizer, c.samples, c.max_len, c.batch_size, params.seed))
-        heldout = to_dev(calibration_batches(load_records(data_dir / HELDOUT_FILE), tokenizer, c.samples,
-                                             c.max_len, c.batch_size, params.seed + 1))
-        reference, reference_heldout = dense_logits(model, batches), dense_logits(model, heldout)
-        unit_scores = None
-        if params.criterion == "loraprune":
-            lp = params.loraprune
-            imp = loraprune_importance(model, batches, lp.rank, lp.steps, lp.lr, lp.ema, params.seed)
-            unit_scores = lora_unit_scores(imp, n_layers, dims["head_dim"], g, params.attention_unit, layouts)
-        build = lambda keeps: build_supernet(  # noqa: E731
-            model, batches, sublayers, layouts, keeps, params.criterion, unit_scores, params.refit,
-            params.obs.rounds, params.obs.damp, dims["head_dim"], g, params.attention_unit)
-        work = copy.deepcopy(model)
-
-        def fitness(supernet, keeps_of):
-            def f(genome, frac):
-                apply_genome(work, supernet, sublayers, keeps_of(genome))
-                return mean_kl(work, batches, reference, frac, params.search.topk_kl)
-            return f
-
-        # coarse-to-fine search
-        centre = [centre_of[k] for k in kinds]
-        step = {"attn": max(1, round(params.search.delta * layouts["attn"].per_block)),
-                "mlp": max(params.mlp_round_to, round(params.search.delta * layouts["mlp"].per_block
-                                                      / params.mlp_round_to) * params.mlp_round_to)}
-        history, gen_offset = [], 0
-        budget = sum(removed_weights(layouts[k], centre_of[k]) for k in kinds)  # the uniform prune's
-        for r in range(params.search.rounds):
-            grid = [level_grid(centre[s], step[k], params.search.levels, 1 if k == "attn" else params.mlp_round_to,
-                               layouts[k].per_block) for s, k in enumerate(kinds)]
-            supernet = load_supernet(ckpt / f"round{r}")
-            if supernet is None:
-                supernet = build(grid)
-                with atomic_dir(ckpt / f"round{r}") as tmp:
-                    save_supernet(supernet, tmp)
-            log = lambda gen, best, off=gen_offset: tracker.log_step(off + gen + 1, {"search_kl": best})  # noqa: E731
-            costs = [[removed_weights(layouts[k], keep) for keep in grid[s]] for s, k in enumerate(kinds)]
-            best, best_kl, hist = evolve(
-                [grid[s].index(centre[s]) for s in range(len(sublayers))], kinds, [len(x) for x in grid],
-                fitness(supernet, lambda gen, grid=grid: [grid[s][i] for s, i in enumerate(gen)]),
-                params.search.generations, params.search.population, params.search.offspring,
-                params.search.stages, params.search.survive, params.search.max_moves, params.seed + r,
-                checkpoint=ckpt / f"round{r}.search.json", on_generation=log,
-                costs=costs if params.search.moves == "cross_type" else None, budget=budget)
-            history += [(r, i + 1, kl) for i, kl in enumerate(hist)]
-            gen_offset += len(hist)
-            centre = [grid[s][i] for s, i in enumerate(best)]
-            step = {"attn": max(1, step["attn"] // 2),
-                    "mlp": max(params.mlp_round_to, step["mlp"] // 2 // params.mlp_round_to * params.mlp_round_to)}
+        probe, heldout = probes(dense, tokenizer, params, data, stage.device)
+        criterion = criterion_for(dense, probe.batches, dims, space, params)
+        work = copy.deepcopy(dense)  # genomes are applied to this copy; `dense` stays the reference
+        supernet, history = coarse_to_fine(dense, work, probe, space, criterion, s.model_dump(), params.seed,
+                                           stage.checkpoints, lambda step, kl: stage.tracker.log_step(step, {"search_kl": kl}))
         search_seconds = time.perf_counter() - started
 
         meta = {"criterion": params.criterion, "sparsity": params.sparsity, "refit": params.refit,
                 "attention_unit": params.attention_unit}
-        plan, replace = plan_and_weights(model, dims, arch, params.attention_unit, supernet, sublayers, centre, meta)
-        removed = sum(removed_weights(layouts[k], keep) for k, keep in zip(kinds, centre))
-        total = n_layers * (layouts["attn"].total_params + layouts["mlp"].total_params)
-        plan.meta["achieved_sparsity"] = removed / total
-        pruned = prune_model(model, plan, replace)
-        with atomic_dir(out_dir) as tmp:
+        achieved = space.removed(space.centre) / space.total
+        meta["achieved_sparsity"] = achieved
+        plan, replace = plan_and_weights(dense, dims, arch, params.attention_unit, supernet, space.sublayers,
+                                         space.centre, meta)
+        pruned = prune_model(dense, plan, replace)
+        with stage.output() as tmp:
             save_pruned(pruned, tokenizer, plan, tmp)
-            write_provenance(tmp, "prune", params.model_dump(), parent=folder_hash(base_dir))
-        apply_genome(work, supernet, sublayers, centre)
-        metrics = {"sparsity": {"target": params.sparsity, "achieved": removed / total},
-                   "kl": {"searched": mean_kl(work, batches, reference)},
-                   "kl_heldout": {"searched": mean_kl(work, heldout, reference_heldout)},
-                   "search_seconds": search_seconds,
-                   "searched": evaluate_suite(pruned, tokenizer, data_dir, model_dir=out_dir,
-                                              batch_size=params.eval_batch_size)}
-        uniform_keeps = [centre_of[k] for k in kinds]
-        if params.uniform_baseline:  # same criterion, every sublayer at the target, pruned in sequence
-            uniform = build([[k] for k in uniform_keeps])
-            apply_genome(work, uniform, sublayers, uniform_keeps)
-            metrics["kl"]["uniform"] = mean_kl(work, batches, reference)
-            metrics["kl_heldout"]["uniform"] = mean_kl(work, heldout, reference_heldout)
-            uplan, ureplace = plan_and_weights(model, dims, arch, params.attention_unit, uniform, sublayers,
-                                               uniform_keeps, meta)
-            umodel = prune_model(model, uplan, ureplace)
-            metrics["uniform"] = evaluate_suite(umodel, tokenizer, data_dir, batch_size=params.eval_batch_size,
-                                                speed=False)
-        write_json(metrics_path, metrics)
-        share = lambda keeps, kind: [1 - keeps[s] / layouts[kind].per_block  # noqa: E731
-                                     for s, k in enumerate(kinds) if k == kind]
-        bars = {"attn searched": share(centre, "attn"), "mlp searched": share(centre, "mlp"),
-                "attn uniform": share(uniform_keeps, "attn"), "mlp uniform": share(uniform_keeps, "mlp")}
-        files = [*write_bars(plots_dir / "sparsity", [f"layer {i}" for i in range(n_layers)], bars,
-                             "share of weights removed", f"prune: per-layer sparsity ({params.criterion})"),
-                 *write_curve(plots_dir / "fitness", list(range(1, len(history) + 1)),
-                              {"kl": [kl for _, _, kl in history]}, "generation", "prune: best KL per generation")]
-        for f in files:
-            tracker.log_artifact(f, "plots")
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(metrics_path)
-        shutil.rmtree(ckpt)
-    return metrics
+            write_provenance(tmp, "prune", params.model_dump(), parent=folder_hash(model))
+        apply_genome(work, supernet, space.sublayers, space.centre)
+        report = {"sparsity": {"target": params.sparsity, "achieved": achieved},
+                  "kl": {"searched": probe(work)}, "kl_heldout": {"searched": heldout(work)},
+                  "search_seconds": search_seconds,
+                  "searched": evaluate_suite(pruned, tokenizer, data, model_dir=out, batch_size=params.eval_batch_size)}
+        if params.uniform_baseline:
+            cut = lambda net, keeps: prune_model(dense, *plan_and_weights(  # noqa: E731
+                dense, dims, arch, params.attention_unit, net, space.sublayers, keeps, meta))
+            u = uniform_baseline(dense, tokenizer, work, space, criterion, probe, heldout, cut, params, data)
+            report["kl"]["uniform"], report["kl_heldout"]["uniform"], report["uniform"] = u["kl"], u["kl_heldout"], u["eval"]
+        return stage.finish(report, plots=plot(space, history, params.criterion, Path(plots)))

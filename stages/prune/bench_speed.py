@@ -18,7 +18,7 @@ import json
 import torch
 from transformers import LlamaForCausalLM
 
-from slimforge.evaluate.speed import decode_tok_s, llama3_8b_shape
+from slimforge.evaluate.speed import decode_tokens_per_s, llama3_8b_shape
 from slimforge.pruning import PrunePlan, prune_model
 
 
@@ -69,7 +69,7 @@ def main() -> None:
             d, p = prefill_ms(dense, batch, seq), prefill_ms(pruned, batch, seq)
             speedup, unit = d / p, "ms"
         else:
-            d, p = decode_tok_s(dense, batch, seq, 128), decode_tok_s(pruned, batch, seq, 128)
+            d, p = (decode_tokens_per_s(m, batch_size=batch, prompt_len=seq, new_tokens=128)[0] for m in (dense, pruned))
             speedup, unit = p / d, "tok/s"
         results["rows"].append({"phase": phase, "batch": batch, "tokens": seq, "dense": d, "pruned": p,
                                 "unit": unit, "speedup": speedup})

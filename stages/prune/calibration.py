@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -66,3 +67,18 @@ def mean_kl(model: torch.nn.Module, batches: list[dict], reference: list[torch.T
         total += kl.sum().item()
         count += kl.numel()
     return total / max(count, 1)
+
+
+@dataclass
+class KLProbe:
+    """Token batches with the dense model's logits on them: KL(dense || model) in one call."""
+
+    batches: list[dict]
+    reference: list[torch.Tensor]
+
+    def __call__(self, model: torch.nn.Module, fraction: float = 1.0, topk: int = 0) -> float:
+        return mean_kl(model, self.batches, self.reference, fraction, topk)
+
+
+def kl_probe(dense: torch.nn.Module, batches: list[dict]) -> KLProbe:
+    return KLProbe(batches, dense_logits(dense, batches))

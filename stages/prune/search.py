@@ -23,7 +23,16 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from slimforge.io import atomic_write_text
+import torch
+
+from slimforge.io import atomic_dir, atomic_write_text
+from stages.prune.calibration import KLProbe
+from stages.prune.genome import apply_genome
+from stages.prune.space import SearchSpace
+from stages.prune.supernet import Criterion, build_supernet, load_supernet, save_supernet
+
+# The Search params that `evolve` takes as they are.
+EVOLVE_SETTINGS = ("generations", "population", "offspring", "stages", "survive", "max_moves")
 
 
 def mutate(genome: list[int], kinds: list[str], n_levels: list[int], rng: random.Random, moves: int,
@@ -130,3 +139,35 @@ def _to_rng_state(saved) -> tuple:
     """JSON turned random's state tuple into lists; restore the tuple shape."""
     version, internal, gauss = saved
     return version, tuple(internal), gauss
+
+
+def coarse_to_fine(dense: torch.nn.Module, work: torch.nn.Module, probe: KLProbe, space: SearchSpace,
+                   criterion: Criterion, search: dict, seed: int, checkpoints: Path,
+                   on_generation: Callable[[int, float], None] | None = None) -> tuple[list, list[float]]:
+    """Týr's coarse-to-fine search: each round builds the supernet of candidate widths around the
+    space's centre (checkpointed), evolves one level per sublayer against KL(dense || `work` with
+    that genome applied), and re-centres on the best with half the step. `search` holds evolve's
+    settings and `rounds`, `moves`, `topk_kl`. Returns (the last round's supernet, best KL per
+    generation); the space ends centred on the best distribution."""
+    history: list[float] = []
+    for r in range(search["rounds"]):
+        grid = space.grid()
+        supernet = load_supernet(checkpoints / f"round{r}")
+        if supernet is None:
+            supernet = build_supernet(dense, probe.batches, space.sublayers, space.layouts, grid, criterion)
+            with atomic_dir(checkpoints / f"round{r}") as tmp:
+                save_supernet(supernet, tmp)
+
+        def fitness(genome: list[int], fraction: float, grid=grid, supernet=supernet) -> float:
+            apply_genome(work, supernet, space.sublayers, [grid[s][i] for s, i in enumerate(genome)])
+            return probe(work, fraction, search["topk_kl"])
+
+        offset = len(history)
+        best, _, hist = evolve(
+            [grid[s].index(space.centre[s]) for s in range(len(grid))], space.kinds, [len(x) for x in grid], fitness,
+            **{k: search[k] for k in EVOLVE_SETTINGS}, seed=seed + r, checkpoint=checkpoints / f"round{r}.search.json",
+            on_generation=None if on_generation is None else lambda gen, kl: on_generation(offset + gen + 1, kl),
+            costs=space.costs(grid) if search["moves"] == "cross_type" else None, budget=space.budget)
+        history += hist
+        space.refine([grid[s][i] for s, i in enumerate(best)])
+    return supernet, history

@@ -88,10 +88,22 @@ class Candidate:
     weight: torch.Tensor     # output projection, dense shape, removed columns zero
 
 
+@dataclass
+class Criterion:
+    """How a sublayer's units are ranked, and what the kept units' output projection becomes."""
+
+    name: str                     # obs | loraprune | wanda | magnitude
+    refit: bool                   # least-squares refit of the kept output-projection columns
+    obs_rounds: int               # OBS removal rounds (costs recomputed after each)
+    damp: float                   # Hessian damping, share of its mean diagonal
+    head_dim: int
+    group: int                    # query heads per key/value head
+    attention_unit: str           # group | query
+    unit_scores: dict[tuple[int, str], torch.Tensor] | None = None  # loraprune's importance per sublayer
+
+
 def build_supernet(model: torch.nn.Module, batches: list[dict], sublayers: list[tuple[int, str]],
-                   layouts: dict[str, Layout], keeps: list[list[int]], criterion: str,
-                   unit_scores: dict[tuple[int, str], torch.Tensor] | None, do_refit: bool,
-                   obs_rounds: int, damp: float, head_dim: int, group: int, unit_mode: str,
+                   layouts: dict[str, Layout], keeps: list[list[int]], criterion: Criterion,
                    progress=None) -> list[dict[int, Candidate]]:
     """Candidates {units kept per block: Candidate} for every sublayer, in `sublayers` order."""
     work = copy.deepcopy(model)
@@ -101,22 +113,23 @@ def build_supernet(model: torch.nn.Module, batches: list[dict], sublayers: list[
         proj = output_proj(work, layer, kind)
         dense_w = output_proj(model, layer, kind).weight.detach()
         h, norms = input_stats(work, proj, batches)
-        if criterion == "wanda":
+        c = criterion
+        if c.name == "wanda":
             scores = wanda_scores(dense_w.float(), norms.float(), layout.units)
-        elif criterion == "magnitude":
-            scores = magnitude_scores(unit_weight_slices(model, layer, layout, head_dim, group, unit_mode))
-        elif criterion == "loraprune":
-            scores = unit_scores[(layer, kind)]
+        elif c.name == "magnitude":
+            scores = magnitude_scores(unit_weight_slices(model, layer, layout, c.head_dim, c.group, c.attention_unit))
+        elif c.name == "loraprune":
+            scores = c.unit_scores[(layer, kind)]
         cands = {}
         for keep in keeps[s]:
-            if criterion == "obs":
-                kept = obs_select(dense_w, h, layout.units, keep, layout.blocks, obs_rounds, damp)
+            if c.name == "obs":
+                kept = obs_select(dense_w, h, layout.units, keep, layout.blocks, c.obs_rounds, c.damp)
             else:
                 kept = top_units(scores, keep, layout.blocks)
             cols = torch.cat([layout.units[u] for u in kept])
             w = torch.zeros_like(dense_w)
             everything = len(kept) == len(layout.units)  # nothing removed, nothing to compensate
-            w[:, cols] = refit(dense_w, h, cols, damp) if do_refit and not everything else dense_w[:, cols]
+            w[:, cols] = refit(dense_w, h, cols, c.damp) if c.refit and not everything else dense_w[:, cols]
             cands[keep] = Candidate(kept, w)
         with torch.no_grad():  # expected weights feed every later sublayer's statistics
             proj.weight.copy_(torch.stack([c.weight for c in cands.values()]).mean(0))

@@ -20,9 +20,6 @@ allocation, INT2.1 low-rank error correction) on the shared low-bit kernels.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -32,13 +29,14 @@ from kernels.quant_linear import padded_width
 from slimforge import SlimforgeError
 from slimforge.batching import calibration_batches, encode_records
 from slimforge.evaluate import evaluate_suite
-from slimforge.io import atomic_dir, folder_hash, write_json, write_provenance
+from slimforge.io import folder_hash, write_provenance
+from slimforge.losses import distillation_loss
 from slimforge.modeling import load_model
 from slimforge.plots import write_bars
 from slimforge.quantized import bits_report, quantize_model, save_quantized, target_linears
+from slimforge.stage import open_stage
 from slimforge.tasks.records import load_records
-from slimforge.tracking import stage_run
-from slimforge.training import finish_training, train_causal_lm
+from slimforge.training import train_causal_lm
 from stages.quantize.allocate import allocate, config_cost, error_table
 from stages.quantize.decompose import lq_decompose
 from stages.quantize.fisher import fisher_diagonal, rank1_fisher
@@ -89,105 +87,102 @@ def choose_formats(weights: dict[str, torch.Tensor], factors: dict[str, tuple], 
                     "allocated_bits_per_weight": sum(costs[i][c] for i, c in enumerate(pick)) / total}
 
 
-def _fingerprint(params: QuantizeParams, source: Path) -> str:
-    return hashlib.sha256((json.dumps(params.model_dump(), sort_keys=True) + folder_hash(source)).encode()).hexdigest()
+def calibration_batches_for(model, tokenizer, params: QuantizeParams, data: Path, device: str) -> list[dict]:
+    c = params.calibration
+    records = [r for f in c.files for r in load_records(data / f)]
+    return [{k: v.to(device) for k, v in b.items()} for b in
+            calibration_batches(records, tokenizer, c.samples, c.max_len, c.batch_size, params.seed)]
 
 
-def run(params: QuantizeParams, model_dir: str | Path, base_dir: str | Path, data_dir: str | Path,
-        out_dir: str | Path, metrics_path: str | Path, plots_dir: str | Path) -> dict:
-    model_dir, base_dir, data_dir = Path(model_dir), Path(base_dir), Path(data_dir)
-    out_dir, plots_dir = Path(out_dir), Path(plots_dir)
-    source = model_dir if params.model == "pruned" else base_dir
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(source, device=device)
-    linears = target_linears(model, params.targets)  # a model without them fails here, before any work
-    rank = params.rank if params.method == "lq_lora" else 0
-    ckpt = out_dir.parent / ".checkpoints" / out_dir.name
+def decompose(weights: dict[str, torch.Tensor], factors: dict[str, tuple], formats: dict[str, tuple[int, int]],
+              rank: int, iters: int) -> dict:
+    """W ~ Q + L1 L2 per matrix at its format (rank 0: plain round to nearest)."""
+    out = {}
+    for n, w in weights.items():
+        row, col = factors.get(n, (None, None))
+        bits, group = formats[n]
+        w = pad_columns(w, group)
+        out[n] = lq_decompose(w, bits, group, rank=rank, iters=iters, row_weight=row,
+                              col_weight=pad_weight(col, w.shape[1]))
+    return out
 
-    with stage_run("quantize", params.model_dump()) as tracker:
+
+def correct_errors(student, teacher, tokenizer, params: QuantizeParams, data: Path, stage) -> dict:
+    """INT2.1: only the low-rank factors train, against the teacher (KL over the vocabulary +
+    response cross-entropy). Returns the training history."""
+    teacher.requires_grad_(False)
+    student.requires_grad_(False)
+    for m in student.modules():
+        for p in (getattr(m, "down", None), getattr(m, "up", None)):
+            if isinstance(p, torch.nn.Parameter):
+                p.requires_grad_(True)
+    lrec = params.lrec
+    examples = encode_records(load_records(data / "train.jsonl"), tokenizer, max_len=params.calibration.max_len)
+    history = train_causal_lm(student, examples, lrec, pad_id=tokenizer.pad_token_id, seed=params.seed,
+                              checkpoint_dir=stage.checkpoints, fingerprint=stage.fingerprint,
+                              loss_fn=distillation_loss(teacher, ce_weight=lrec.ce_weight, kl_weight=lrec.kl_weight),
+                              on_log=stage.logger("lrec_"))
+    student.requires_grad_(False)
+    return history
+
+
+def run(params: QuantizeParams, model: str | Path, base: str | Path, data: str | Path, out: str | Path,
+        metrics: str | Path, plots: str | Path) -> dict:
+    data, base_dir = Path(data), Path(base)
+    source = Path(model) if params.model == "pruned" else base_dir
+    with open_stage("quantize", params.model_dump(), out=out, inputs=[source, data], metrics=metrics,
+                    plots=plots) as stage:
+        fp_model, tokenizer = load_model(source, device=stage.device)
+        linears = target_linears(fp_model, params.targets)  # a model without them fails here, before any work
+        rank = params.rank if params.method == "lq_lora" else 0
         started = time.perf_counter()
-        c = params.calibration
-        records = [r for f in c.files for r in load_records(data_dir / f)]
-        batches = [{k: v.to(device) for k, v in b.items()} for b in
-                   calibration_batches(records, tokenizer, c.samples, c.max_len, c.batch_size, params.seed)]
         factors = {}
         if params.fisher:
-            fisher = fisher_diagonal(model, batches, lm_loss)
+            fisher = fisher_diagonal(fp_model, calibration_batches_for(fp_model, tokenizer, params, data, stage.device),
+                                     lm_loss)
             factors = {n: rank1_fisher(fisher[n]) for n in linears}
         weights = {n: m.weight.detach() for n, m in linears.items()}
-        metrics: dict = {"source": params.model}
+        report: dict = {"source": params.model}
         if params.budget is not None:
-            formats, metrics["allocation"] = choose_formats(weights, factors, params.choices, rank, params.budget,
-                                                            params.lq_iters)
+            formats, report["allocation"] = choose_formats(weights, factors, params.choices, rank, params.budget,
+                                                           params.lq_iters)
         else:
             formats = {n: (params.bits, params.group) for n in linears}
-
-        def decompose(r: int):
-            out = {}
-            for n, w in weights.items():
-                row, col = factors.get(n, (None, None))
-                bits, group = formats[n]
-                w = pad_columns(w, group)
-                out[n] = lq_decompose(w, bits, group, rank=r, iters=params.lq_iters, row_weight=row,
-                                      col_weight=pad_weight(col, w.shape[1]))
-            return out
-
-        results = {"full_precision": evaluate_suite(model, tokenizer, data_dir, batch_size=params.eval_batch_size,
-                                                    speed=False)}
+        evaluate = lambda m, **kw: evaluate_suite(m, tokenizer, data, batch_size=params.eval_batch_size, **kw)  # noqa: E731
+        results = {"full_precision": evaluate(fp_model, speed=False)}
         if params.compare and rank > 0:
-            rtn = quantize_model(copy.deepcopy(model), decompose(0), formats)
-            results["rtn"] = evaluate_suite(rtn, tokenizer, data_dir, batch_size=params.eval_batch_size, speed=False)
+            rtn = quantize_model(copy.deepcopy(fp_model), decompose(weights, factors, formats, 0, params.lq_iters),
+                                 formats)
+            results["rtn"] = evaluate(rtn, speed=False)
             del rtn
-        student = quantize_model(copy.deepcopy(model), decompose(rank), formats)
+        student = quantize_model(copy.deepcopy(fp_model), decompose(weights, factors, formats, rank, params.lq_iters),
+                                 formats)
         quantize_seconds = time.perf_counter() - started
         name = "lq_lora" if rank > 0 else "rtn"
-        results[name] = evaluate_suite(student, tokenizer, data_dir, batch_size=params.eval_batch_size, speed=False)
-
-        lrec = params.lrec
+        results[name] = evaluate(student, speed=False)
         history = {}
-        if rank > 0 and lrec.steps > 0:
-            teacher = model if lrec.teacher == "input" else load_model(base_dir, device=device)[0]
-            teacher.requires_grad_(False)
-            student.requires_grad_(False)
-            for m in student.modules():  # only the low-rank factors train
-                for p in (getattr(m, "down", None), getattr(m, "up", None)):
-                    if isinstance(p, torch.nn.Parameter):
-                        p.requires_grad_(True)
-            train_records = load_records(data_dir / "train.jsonl")
-            examples = encode_records(train_records, tokenizer, max_len=c.max_len)
-            history = train_causal_lm(
-                student, examples, pad_id=tokenizer.pad_token_id, steps=lrec.steps, batch_size=lrec.batch_size,
-                lr=lrec.lr, warmup_steps=lrec.warmup_steps, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
-                seed=params.seed, checkpoint_dir=ckpt, checkpoint_every=lrec.checkpoint_every,
-                fingerprint=_fingerprint(params, source), teacher=teacher, kl_weight=lrec.kl_weight,
-                ce_weight=lrec.ce_weight, on_log=lambda step, m: tracker.log_step(step, {"lrec_" + k: v
-                                                                                      for k, v in m.items()}))
-            student.requires_grad_(False)
-            name = "lq_lora_lrec"
-
-        with atomic_dir(out_dir) as tmp:
+        if rank > 0 and params.lrec.steps > 0:
+            teacher = fp_model if params.lrec.teacher == "input" else load_model(base_dir, device=stage.device)[0]
+            history, name = correct_errors(student, teacher, tokenizer, params, data, stage), "lq_lora_lrec"
+        with stage.output() as tmp:
             save_quantized(student, tokenizer, source, tmp)
             write_provenance(tmp, "quantize", params.model_dump(), parent=folder_hash(source))
-        results[name] = evaluate_suite(student, tokenizer, data_dir, model_dir=out_dir,
-                                       batch_size=params.eval_batch_size)
+        results[name] = evaluate(student, model_dir=out)
         bits = bits_report(student)
-        metrics.update({"bits": bits, "formats": {f"{b}-bit g{g}": sum(1 for v in formats.values() if v == (b, g))
-                                                  for b, g in sorted(set(formats.values()))},
-                        "quantize_seconds": quantize_seconds, "lrec_seconds": history.get("seconds", 0.0),
-                        "lrec_steps": lrec.steps if history else 0, "final": name, "results": results,
-                        "gap_closed": _gap_closed(results)})
-        write_json(metrics_path, metrics)
-        layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in formats})
-        bars = {kind: [b for n, (b, _) in sorted(formats.items(), key=lambda x: _layer(x[0])) if n.endswith(kind)]
-                for kind in params.targets}
-        title = f"quantize: bits per matrix ({bits['bits_per_weight']:.2f} bits/weight in total)"
-        for f in write_bars(plots_dir / "bits", [f"layer {i}" for i in layers], bars, "bits (before scales)", title):
-            tracker.log_artifact(f, "plots")
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(metrics_path)
-        finish_training(ckpt)
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return metrics
+        report.update({"bits": bits, "formats": {f"{b}-bit g{g}": sum(1 for v in formats.values() if v == (b, g))
+                                                 for b, g in sorted(set(formats.values()))},
+                       "quantize_seconds": quantize_seconds, "lrec_seconds": history.get("seconds", 0.0),
+                       "lrec_steps": params.lrec.steps if history else 0, "final": name, "results": results,
+                       "gap_closed": _gap_closed(results)})
+        return stage.finish(report, plots=bits_plot(formats, params.targets, bits, Path(plots)))
+
+
+def bits_plot(formats: dict[str, tuple[int, int]], targets: list[str], bits: dict, plots: Path) -> list[Path]:
+    layers = sorted({_layer(n) for n in formats})
+    bars = {kind: [b for n, (b, _) in sorted(formats.items(), key=lambda x: _layer(x[0])) if n.endswith(kind)]
+            for kind in targets}
+    title = f"quantize: bits per matrix ({bits['bits_per_weight']:.2f} bits/weight in total)"
+    return write_bars(plots / "bits", [f"layer {i}" for i in layers], bars, "bits (before scales)", title)
 
 
 def _layer(name: str) -> int:

@@ -17,7 +17,7 @@ import json
 import torch
 from transformers import LlamaForCausalLM
 
-from slimforge.evaluate.speed import decode_tok_s, llama3_8b_shape
+from slimforge.evaluate.speed import decode_tokens_per_s, llama3_8b_shape
 from slimforge.quantized import pack_linears
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     batches = (1, 16)
     results = {"gpu": gpu, "group": args.group, "rows": []}
-    base = {b: decode_tok_s(dense, b, 128, args.new) for b in batches}
+    base = {b: decode_tokens_per_s(dense, batch_size=b, prompt_len=128, new_tokens=args.new)[0] for b in batches}
     results["rows"].append({"model": "bf16", **{f"b{b}": base[b] for b in batches}})
     print(f"{gpu}: decode tok/s, static cache + CUDA graph, prompt 128, {args.new} new tokens")
     print(f"{'model':22s} " + " ".join(f"{'b' + str(b):>16s}" for b in batches))
@@ -45,7 +45,7 @@ def main() -> None:
     for bits, rank in ((4, 0), (2, 0), (2, 64)):
         model = pack_linears(copy.deepcopy(dense), bits, args.group, rank)
         torch.cuda.empty_cache()
-        tok = {b: decode_tok_s(model, b, 128, args.new) for b in batches}
+        tok = {b: decode_tokens_per_s(model, batch_size=b, prompt_len=128, new_tokens=args.new)[0] for b in batches}
         label = f"W{bits} g{args.group}" + (f" + rank {rank}" if rank else "")
         results["rows"].append({"model": label, **{f"b{b}": tok[b] for b in batches},
                                 **{f"speedup_b{b}": tok[b] / base[b] for b in batches}})

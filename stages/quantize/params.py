@@ -8,9 +8,7 @@ from pydantic import Field, field_validator
 
 from kernels.lowbit_format import BITS, GROUPS
 from slimforge.adapters import PROJECTIONS, check_projections
-from slimforge.config import Schema
-
-
+from slimforge.config import Schedule, Schema
 
 class Calibration(Schema):
     files: list[str] = Field(["train.jsonl"], description="suite files (in the data folder) the "
@@ -22,17 +20,14 @@ class Calibration(Schema):
                             "underestimate it")
 
 
-class Lrec(Schema):
-    steps: int = Field(400, ge=0, description="optimizer steps of low-rank error correction (0: none)")
+class Lrec(Schedule):
+    """INT2.1 low-rank error correction: the factors train against the teacher (steps 0: none)."""
+
     teacher: Literal["input", "base"] = Field(
         "input", description="input: the full-precision model being quantized; base: the unpruned base "
         "model (may win back part of the pruning loss too)")
-    lr: float = Field(2e-3, gt=0, description="peak learning rate of the low-rank factors")
-    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps")
-    batch_size: int = Field(64, ge=1, description="sequences per step")
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) over the vocabulary")
     ce_weight: float = Field(1.0, ge=0, description="weight of next-token cross-entropy on responses")
-    checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints (0: never)")
 
 
 class QuantizeParams(Schema):
@@ -55,7 +50,8 @@ class QuantizeParams(Schema):
                          "Fisher (squared gradients on calibration data), row/column factorised")
     targets: list[str] = Field(list(PROJECTIONS), description=f"linear layers to quantize, among {PROJECTIONS}")
     calibration: Calibration = Field(Calibration(), description="calibration data (Fisher)")
-    lrec: Lrec = Field(Lrec(), description="INT2.1 low-rank error correction against the teacher")
+    lrec: Lrec = Field(Lrec(steps=400, lr=2e-3, warmup_steps=20, batch_size=64, checkpoint_every=100),
+                       description="INT2.1 low-rank error correction against the teacher")
     compare: bool = Field(True, description="also evaluate round-to-nearest and the untrained decomposition "
                           "at the same format, for the comparison table")
     eval_batch_size: int = Field(256, gt=0, description="sequences per evaluation batch")

@@ -1,5 +1,6 @@
 """Reading a judge model: verdict probabilities from next-token logits (no sampling), batched,
-and the perplexity score of the baseline (response log-probs through the fused kernel).
+and the perplexity score of the baseline (response log-probs through the fused kernel). The filter
+stage judges with these, and so does any later stage or experiment that needs a judge's opinion.
 
     p = P(first verdict) / (P(first) + P(second)) = softmax over the two verdicts' logits
 """
@@ -10,7 +11,11 @@ import torch
 
 from slimforge.evaluate.scoring import next_token_probs, response_logprobs
 from slimforge.tasks.judge import pairwise_prompt, verdict_ids, verify_prompt
-from stages.filter.ranking import debiased_win
+
+
+def debiased_win(p_a_target_first: torch.Tensor, p_a_target_second: torch.Tensor) -> torch.Tensor:
+    """P(target wins), averaged over the two orders (cancels the judge's position bias)."""
+    return 0.5 * (p_a_target_first + (1.0 - p_a_target_second))
 
 
 def verdict_probs(model, tokenizer, prompts: list[str], fmt: str, batch_size: int = 256) -> torch.Tensor:

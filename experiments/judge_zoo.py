@@ -1,8 +1,7 @@
 """A zoo of judge strengths: the embedded base trained for fewer or more steps, each used as the
-filter's judge on the same noisy set and pool, to see where Meta Ranking helps most. (It spans the
-base and filter stages, so it lives with the flows: stages never import each other.)
+filter's judge on the same noisy set and pool, to see where Meta Ranking helps most.
 
-    python -m flows.judge_zoo --data data/tasks --labels data/labels --steps 300,700,1400,2200 \
+    python -m experiments.judge_zoo --data data/tasks --labels data/labels --steps 300,700,1400,2200 \
         [--json zoo.json]
 
 Each judge is the `cpu` preset of params/base.yaml trained from scratch for that many steps (its
@@ -10,7 +9,8 @@ learning-rate schedule ends there, as a shorter pretraining run would), on the G
 one (a few minutes in all on one H100; about 8 minutes per 2200 steps on 2 CPU cores). Per judge:
 its accuracy on judge_test.jsonl per format, and for Meta Ranking, direct judging and perplexity
 the ranking AUC of right vs wrong rows and the F1 at catching wrong rows with the pool-calibrated
-threshold, exactly as the filter stage computes them.
+threshold, exactly as the filter stage computes them. It spans the base recipe and the filter
+stage, so it is an experiment: experiments may import stages, stages and flows never import them.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 
 from slimforge.config import load_params
 from slimforge.evaluate import exact_match, judge_accuracy
+from slimforge.evaluate.judging import direct_probs, mean_logprob
+from slimforge.pretrain import pretrain
 from slimforge.tasks.records import load_records
 from stages.base.params import BaseParams
-from stages.base.pretrain import pretrain
 from stages.filter import baseline, filter_rows, load_pool, read_wrong, score_methods
-from stages.filter.judge import direct_probs, mean_logprob
 from stages.filter.params import FilterParams
 
 
@@ -44,7 +44,7 @@ def judge_report(judge, tokenizer, data_dir: Path, labels_dir: Path, params: Fil
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m flows.judge_zoo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m experiments.judge_zoo", description=__doc__)
     ap.add_argument("--data", default="data/tasks")
     ap.add_argument("--labels", default="data/labels")
     ap.add_argument("--steps", default="300,700,1400,2200", help="comma-separated training lengths")
@@ -63,7 +63,7 @@ def main() -> None:
         preset = base.presets["cpu"].model_copy(update={"steps": steps, "device": device,
                                                         "warmup_steps": min(base.presets["cpu"].warmup_steps, steps // 10)})
         with tempfile.TemporaryDirectory() as ckpt:
-            judge, tokenizer, _, _ = pretrain(preset, base.seed, data_dir, Path(ckpt))
+            judge, tokenizer, _, _ = pretrain(preset, base.seed, data_dir, Path(ckpt), fingerprint=f"zoo-{steps}")
         judge.eval()
         acc = exact_match(judge, tokenizer, tests)
         row = {"steps": steps, "task_accuracy": sum(acc.values()) / len(acc),

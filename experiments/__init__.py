@@ -1,0 +1,1 @@
+"""Studies that combine stages (the judge zoo, ablations). Unlike flows, they may import stages."""

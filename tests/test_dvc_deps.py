@@ -1,0 +1,130 @@
+"""dvc.yaml's deps cover every file each stage runs: the import closure (ast, within this repo) of
+the module its `cmd` starts, plus the data files those modules open beside themselves. A stale
+stage reported as up to date is the worst bug a DVC pipeline can have; this test makes a stage
+whose code grows without its deps fail, naming the missing paths."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+PACKAGES = ("slimforge", "stages", "kernels", "flows", "experiments")
+
+
+def module_file(name: str, root: Path = REPO) -> Path | None:
+    """The file of a dotted module name inside the repo (a package's __init__.py), or None."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(path: Path, root: Path) -> set[str]:
+    """Dotted names a file imports (anywhere in it, functions included), absolute, repo-only.
+    `from a.b import c` yields a.b and a.b.c (c may be a submodule)."""
+    package = ".".join(path.relative_to(root).with_suffix("").parts)
+    if path.name == "__init__.py":
+        package = package.removesuffix(".__init__")
+    else:
+        package = package.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                module = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names |= {f"{module}.{a.name}" for a in node.names}
+    return {n for n in names if n.split(".")[0] in PACKAGES}
+
+
+def _data_files(path: Path) -> set[Path]:
+    """Non-Python files beside a module that it names in a string (e.g. a shipped JSON table)."""
+    text = path.read_text()
+    return {f for f in path.parent.iterdir() if f.is_file() and f.suffix != ".py" and not f.name.startswith(".")
+            and re.search(rf"[\"']{re.escape(f.name)}[\"']", text)}
+
+
+def import_closure(entry: str, root: Path = REPO) -> set[Path]:
+    """Every repo file that running `python -m entry` imports or opens beside its modules (for a
+    package, `python -m` runs its __main__.py after its __init__.py)."""
+    todo, seen = [entry], set()
+    if (root.joinpath(*entry.split(".")) / "__main__.py").is_file():
+        todo.append(f"{entry}.__main__")
+    files: set[Path] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            path = module_file(".".join(parts[:i]), root)
+            if path is not None and path not in files:
+                files.add(path)
+                files |= _data_files(path)
+                todo += sorted(_imported_names(path, root))
+    return files
+
+
+def stage_modules(dvc: dict) -> dict[str, str]:
+    """{stage: the module its cmd runs with `python -m`}."""
+    out = {}
+    for stage, spec in dvc["stages"].items():
+        match = re.search(r"python -m ([\w.]+)", spec["cmd"])
+        assert match, f"stage {stage}: cmd does not run `python -m <module>`: {spec['cmd']}"
+        out[stage] = match.group(1)
+    return out
+
+
+def missing_deps(deps: list, closure: set[Path], root: Path = REPO) -> list[str]:
+    """Closure files that no dep (a file, or a folder above it) covers."""
+    covered = [root / (d if isinstance(d, str) else next(iter(d))) for d in deps]
+    return sorted(str(f.relative_to(root)) for f in closure
+                  if not any(f == c or c in f.parents for c in covered))
+
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = stage_modules(DVC)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_deps_cover_the_code_the_stage_runs(stage):
+    closure = import_closure(STAGES[stage])
+    assert module_file(STAGES[stage]) in closure and len(closure) > 3
+    missing = missing_deps(DVC["stages"][stage]["deps"], closure)
+    assert not missing, f"dvc.yaml stage '{stage}' runs these files but does not list them in deps: {missing}"
+
+
+def test_a_removed_dep_is_caught_and_named():
+    closure = import_closure(STAGES["prune"])
+    deps = DVC["stages"]["prune"]["deps"]
+    assert missing_deps(deps, closure) == []
+    surgery = REPO / "slimforge/pruning/surgery.py"
+    assert surgery in closure  # prune cuts the model with it
+    trimmed = [d for d in deps if d not in ("slimforge/pruning", "slimforge/pruning/surgery.py")]
+    assert "slimforge/pruning/surgery.py" in missing_deps(trimmed, closure)
+
+
+def test_closure_follows_relative_imports_function_level_imports_and_data_files(tmp_path):
+    pkg = tmp_path / "slimforge"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("from . import b\n\ndef f():\n    from slimforge.c import g\n")
+    (pkg / "sub" / "b.py").write_text("TABLE = 'table.json'\n")
+    (pkg / "sub" / "table.json").write_text("{}")
+    (pkg / "c.py").write_text("import os\n")
+    (pkg / "unused.py").write_text("")
+    got = {str(p.relative_to(tmp_path)) for p in import_closure("slimforge.sub.a", tmp_path)}
+    assert got == {"slimforge/__init__.py", "slimforge/sub/__init__.py", "slimforge/sub/a.py",
+                   "slimforge/sub/b.py", "slimforge/sub/table.json", "slimforge/c.py"}

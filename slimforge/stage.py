@@ -1,7 +1,7 @@
 """The stage skeleton: what every stage's run() stands on, as small pieces rather than a base class.
 
     with open_stage("prune", params.model_dump(), out=out, inputs=[Path(model), Path(data)],
-                    metrics=metrics, plots=plots) as stage:
+                    metrics=metrics) as stage:
         model, tokenizer = load_model(model, device=stage.device)
         ...                                   # resumable state goes under stage.checkpoints
         with stage.output() as tmp:           # renamed into `out` only when the block succeeds
@@ -62,7 +62,6 @@ class Stage:
     fingerprint: str
     tracker: StageRun
     metrics_path: Path
-    plots_dir: Path | None
 
     def output(self, out: str | Path | None = None):
         """An empty temporary folder that replaces `out` (default: the stage's output) only if the
@@ -85,14 +84,13 @@ class Stage:
 
 @contextmanager
 def open_stage(name: str, params: dict, *, out: str | Path, inputs: list, metrics: str | Path,
-               plots: str | Path | None = None, device: str = "auto") -> Iterator[Stage]:
+               device: str = "auto") -> Iterator[Stage]:
     """The context of one stage run (see the module docstring). `inputs`: Paths hashed by
     content, or in-memory values (records) hashed as JSON, into the resume fingerprint."""
     fingerprint = content_hash(params, *inputs)
     checkpoints = checkpoint_folder(out, fingerprint)
     with stage_run(name, params) as tracker:
-        yield Stage(name, pick_device(device), Path(out), checkpoints, fingerprint, tracker, Path(metrics),
-                    Path(plots) if plots is not None else None)
+        yield Stage(name, pick_device(device), Path(out), checkpoints, fingerprint, tracker, Path(metrics))
     shutil.rmtree(checkpoints, ignore_errors=True)  # only after success: a failed run resumes from it
 
 
@@ -109,7 +107,8 @@ def stage_main(run: Callable[..., dict], *, name: str, params: dict[str, type[Sc
     underscores). Every params file is validated before any work; a SlimforgeError prints one line
     and exits with status 2; `summary(metrics)` is printed at the end."""
     help = {**COMMON_HELP, **(help or {})}
-    ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc)
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for key in params:
         ap.add_argument(f"--{key.replace('_', '-')}", required=True, help=f"params/{name}.yaml" if key == "params"
                         else help.get(key, key))

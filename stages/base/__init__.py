@@ -26,7 +26,7 @@ def run(model_params: ModelParams, params: BaseParams, data: str | Path, out: st
     logged = {"model": model_params.model_dump(), "seed": params.seed, "preset": params.preset,
               **({} if model_params.source else {"arch": preset.model_dump()})}
     inputs = [] if model_params.source else train_files(data)  # what decides the trained weights
-    with open_stage("base", logged, out=out, inputs=inputs, metrics=metrics, plots=plots,
+    with open_stage("base", logged, out=out, inputs=inputs, metrics=metrics,
                     device=preset.device) as stage:
         report, curves = {}, []
         if model_params.source:

@@ -146,7 +146,7 @@ def run(params: LoraParams, base: str | Path, pruned: str | Path, data: str | Pa
     inputs = [base_dir, data, *([pruned_dir] if params.model != "base" else []),
               *([quantized_dir] if params.model == "quantized" and quantized_dir else []),
               *([filtered_dir] if params.data == "filtered" and filtered_dir else [])]
-    with open_stage("lora", params.model_dump(), out=out, inputs=inputs, metrics=metrics, plots=plots) as stage:
+    with open_stage("lora", params.model_dump(), out=out, inputs=inputs, metrics=metrics) as stage:
         base_model, tokenizer = load_model(base_dir, device=stage.device)
         check_targets(base_model, params.targets)  # everything that can be wrong is checked before training
         plan = None if params.model == "base" else PrunePlan.load(pruned_dir / "plan.json")

@@ -88,8 +88,7 @@ def plot(space: SearchSpace, history: list[float], criterion: str, plots: Path) 
 def run(params: PruneParams, model: str | Path, data: str | Path, out: str | Path, metrics: str | Path,
         plots: str | Path) -> dict:
     data, out = Path(data), Path(out)
-    with open_stage("prune", params.model_dump(), out=out, inputs=[Path(model), data], metrics=metrics,
-                    plots=plots) as stage:
+    with open_stage("prune", params.model_dump(), out=out, inputs=[Path(model), data], metrics=metrics) as stage:
         dense, tokenizer = load_model(model, device=stage.device)
         arch, dims = model_dims(dense.config)  # unsupported architectures fail here, before any work
         s = params.search

@@ -130,8 +130,7 @@ def run(params: QuantizeParams, model: str | Path, base: str | Path, data: str |
         metrics: str | Path, plots: str | Path) -> dict:
     data, base_dir = Path(data), Path(base)
     source = Path(model) if params.model == "pruned" else base_dir
-    with open_stage("quantize", params.model_dump(), out=out, inputs=[source, data], metrics=metrics,
-                    plots=plots) as stage:
+    with open_stage("quantize", params.model_dump(), out=out, inputs=[source, data], metrics=metrics) as stage:
         fp_model, tokenizer = load_model(source, device=stage.device)
         linears = target_linears(fp_model, params.targets)  # a model without them fails here, before any work
         rank = params.rank if params.method == "lq_lora" else 0

@@ -8,6 +8,7 @@ allowed there, e.g.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ class Schema(BaseModel):
     so one shared section schema can carry different defaults in each stage.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -85,9 +86,11 @@ def describe_errors(err: ValidationError, schema: type[BaseModel]) -> str:
 
 
 def parse_params(data: dict[str, Any] | None, schema: type[S], source: str) -> S:
-    """Validate a dict against `schema`; raise SlimforgeError naming `source` and each wrong key."""
+    """Validate a dict against `schema` (strict types: 'yes' is no boolean and '64' no number);
+    raise SlimforgeError naming `source` and each wrong key."""
     if data is None:
-        data = {}
+        raise SlimforgeError(f"{source}: the file is empty; write the keys you want (the shipped file in params/ "
+                             f"lists every one) rather than run on silent defaults")
     if not isinstance(data, dict):
         raise SlimforgeError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
     try:
@@ -96,13 +99,25 @@ def parse_params(data: dict[str, Any] | None, schema: type[S], source: str) -> S
         raise SlimforgeError(f"{source}: {describe_errors(err, schema)}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` as a string, and strict params would then
+    refuse a learning rate written the usual way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    list("-+0123456789."))
+
+
 def load_params(path: str | Path, schema: type[S]) -> S:
     """Read and validate one params YAML file."""
     path = Path(path)
     if not path.is_file():
         raise SlimforgeError(f"params file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         raise SlimforgeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     return parse_params(data, schema, str(path))

@@ -77,17 +77,23 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = (), types: dict[str, type] | None = None
                ) -> list[dict]:
-    """Read a JSONL file; a malformed line raises SlimforgeError naming the file and line number.
+    """Read a JSONL file; a bad line raises SlimforgeError naming the file, the line number and
+    what is wrong (not UTF-8, not JSON, not an object, a missing field, a field of the wrong type).
 
     `required` fields must be present; `types` maps field names to the type they must have when
-    present (e.g. {"prompt": str}).
+    present (e.g. {"prompt": str}); null is not a value of any type.
     """
     path = Path(path)
     if not path.is_file():
         raise SlimforgeError(f"{path} not found")
     records = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SlimforgeError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                     f"{err.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -100,9 +106,10 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), types: dict[str
             if missing:
                 raise SlimforgeError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
             for key, typ in (types or {}).items():
-                if key in rec and rec[key] is not None and not isinstance(rec[key], typ):
-                    raise SlimforgeError(
-                        f"{path}:{lineno}: field '{key}' must be {typ.__name__}, got {type(rec[key]).__name__}")
+                # bool is an int subclass in Python: a JSON true is no number of tokens or answer
+                if key in rec and (not isinstance(rec[key], typ) or (typ is not bool and isinstance(rec[key], bool))):
+                    got = "null" if rec[key] is None else type(rec[key]).__name__
+                    raise SlimforgeError(f"{path}:{lineno}: field '{key}' must be {typ.__name__}, got {got}")
             records.append(rec)
     return records
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from slimforge import SlimforgeError
 from slimforge.batching import collate, epoch_batches
 from slimforge.checkpoint import load_checkpoint, save_checkpoint
 from slimforge.config import Schedule
@@ -64,10 +65,13 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
     steps, batch_size = schedule.steps, min(schedule.batch_size, len(examples))
     warmup = min(schedule.warmup_steps, steps)
     device = next(model.parameters()).device
+    if not examples:
+        raise SlimforgeError("no training examples")
     lengths = [len(ids) for ids, _ in examples]
     per_epoch = len(epoch_batches(lengths, batch_size, seed, 0, groups))
-    if per_epoch == 0:
-        raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size}")
+    if per_epoch == 0:  # a small or length-skewed set: no class fills a batch, so batch across classes
+        groups = ["all"] * len(examples)
+        per_epoch = len(epoch_batches(lengths, batch_size, seed, 0, groups))
     optimizer = make_optimizer(model, schedule.lr, schedule.weight_decay, adam_beta2)
     losses: list[float] = []
     tokens, start_step = 0, 0

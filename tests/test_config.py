@@ -69,3 +69,25 @@ def test_missing_and_invalid_files(tmp_path: Path):
     bad.write_text("dtype: float64\n")
     with pytest.raises(SlimforgeError, match="dtype"):
         load_params(bad, ModelParams)
+
+
+def test_strict_types_and_empty_files(tmp_path: Path):
+    with pytest.raises(SlimforgeError, match=r"refit: Input should be a valid boolean \(got 'yes'\)"):
+        parse_params({"refit": "yes"}, PruneParams, "p.yaml")
+    with pytest.raises(SlimforgeError, match=r"calibration.samples: Input should be a valid integer \(got '64'\)"):
+        parse_params({"calibration": {"samples": "64"}}, PruneParams, "p.yaml")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(SlimforgeError, match="empty.yaml: the file is empty"):
+        load_params(empty, PruneParams)
+    lr = tmp_path / "lr.yaml"
+    lr.write_text("train: {lr: 1e-3, steps: 10}\n")  # YAML 1.1 would read 1e-3 as a string
+    assert load_params(lr, LoraParams).train.lr == 1e-3
+
+
+def test_user_files_must_live_under_user_data():
+    for path in ("/tmp/mine.jsonl", "data/mine.jsonl", "user_data/../mine.jsonl"):
+        with pytest.raises(SlimforgeError, match="user files must lie under user_data/"):
+            parse_params({"user_files": {"test.jsonl": path}}, DataParams, "d.yaml")
+    ok = parse_params({"user_files": {"test.jsonl": "user_data/mine.jsonl"}}, DataParams, "d.yaml")
+    assert ok.user_files == {"test.jsonl": "user_data/mine.jsonl"}

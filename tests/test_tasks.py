@@ -128,3 +128,49 @@ def test_user_jsonl_schema(tmp_path):
     with pytest.raises(SlimforgeError, match=r"good.jsonl:1: missing field\(s\) answer"):
         write_jsonl(good, [{"prompt": "2+2=", "response": "4"}])
         load_records(good, need_answer=True)
+
+
+def test_bad_bytes_and_nulls_name_the_file_line_and_field(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "1+1=", "response": "2"}\n{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(SlimforgeError, match=r"latin.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_records(latin)
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"prompt": "1+1=", "response": "2", "family": null}\n')
+    with pytest.raises(SlimforgeError, match=r"nulls.jsonl:1: field 'family' must be str, got null"):
+        load_records(nulls)
+    flag = tmp_path / "flag.jsonl"
+    flag.write_text('{"prompt": "1+1=", "response": "2", "correct": 1}\n')
+    with pytest.raises(SlimforgeError, match=r"flag.jsonl:1: field 'correct' must be bool, got int"):
+        load_records(flag)
+
+
+def test_check_data_reports_bad_bytes_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "\xff", "response": "x"}\n')
+    proc = subprocess.run([sys.executable, "-m", "slimforge.cli", "check-data", str(latin)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {latin}:1: not UTF-8 text (byte 0xff at column 13); save the file as UTF-8"
+
+
+def test_data_stage_checks_user_files_before_any_work(tmp_path, monkeypatch):
+    import stages.data as stage
+    from slimforge.config import parse_params
+    from stages.data.params import DataParams
+
+    def no_work(*a, **k):
+        raise AssertionError("the suite was built before the user's file was checked")
+
+    monkeypatch.setattr(stage, "build_suite", no_work)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user_data").mkdir()
+    (tmp_path / "user_data" / "mine.jsonl").write_text('{"prompt": "1+1=", "response": "2", "answer": "2"}\n'
+                                                       '{"prompt": "2+2=", "response": "4", "answer": "4", "family": null}\n')
+    params = parse_params({"user_files": {"test.jsonl": "user_data/mine.jsonl"}}, DataParams, "d.yaml")
+    with pytest.raises(SlimforgeError, match=r"user_data/mine.jsonl:2: field 'family' must be str, got null"):
+        stage.run(params, tmp_path / "tasks", tmp_path / "labels", tmp_path / "m.json")
+    assert not (tmp_path / "tasks").exists() and not (tmp_path / "m.json").exists()

@@ -73,3 +73,15 @@ def test_resume_after_interruption_is_exact(tokenizer, suite_dir, tmp_path):
     assert resumed["losses"] == pytest.approx(ref["losses"], abs=1e-6)
     for p, q in zip(straight.parameters(), resumed_model.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_a_small_length_skewed_set_trains_instead_of_failing(tokenizer, tmp_path):
+    """40 rows in length bands none of which fills a batch of 32: batches then mix the bands."""
+    rows = [{"prompt": f"{i}+{i}=", "response": str(2 * i)} for i in range(30)]
+    rows += [{"prompt": "1+" * 20 + "1=", "response": "21"} for _ in range(10)]
+    examples = encode_records(rows, tokenizer)
+    schedule = Schedule(steps=3, batch_size=32, lr=1e-3, warmup_steps=1, checkpoint_every=0)
+    out = train_causal_lm(tiny_model("llama", tokenizer), examples, schedule, pad_id=tokenizer.pad_token_id, seed=0,
+                          checkpoint_dir=tmp_path, fingerprint="small", progress=False)
+    assert len(out["losses"]) == 3 and all(loss > 0 for loss in out["losses"])
+    assert out["tokens"] >= 3 * 32 * 4  # three full batches of 32 sequences, each at least 4 tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 
 from slimforge.config import Schema
@@ -61,7 +63,8 @@ class DataParams(Schema):
         "that are gross (a digit dropped/doubled, 10x off) rather than subtle slips: gross ones "
         "teach a tiny model to judge at all; subtle ones keep it a weak judge")
     user_files: dict[str, str] = Field(
-        {}, description="replace suite files with your own JSONL, e.g. {test.jsonl: user_data/my_test.jsonl}")
+        {}, description="replace suite files with your own JSONL under user_data/ (dvc.yaml tracks that "
+        "folder, so editing a file reruns the pipeline), e.g. {test.jsonl: user_data/my_test.jsonl}")
 
     @field_validator("judge_families")
     @classmethod
@@ -82,4 +85,9 @@ class DataParams(Schema):
         bad = [k for k in v if k not in (*SUITE_FILES, LABELS_FILE)]
         if bad:
             raise ValueError(f"unknown suite file(s) {bad} (allowed: {', '.join(SUITE_FILES)})")
+        outside = [p for p in v.values() if Path(p).is_absolute() or ".." in Path(p).parts
+                   or Path(p).parts[:1] != ("user_data",)]
+        if outside:
+            raise ValueError(f"{outside}: user files must lie under user_data/ (the folder dvc.yaml tracks; a file "
+                             "elsewhere could change without DVC noticing)")
         return v

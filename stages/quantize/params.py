@@ -70,6 +70,12 @@ class QuantizeParams(Schema):
             raise ValueError(f"unsupported group size; allowed: {', '.join(map(str, GROUPS))}")
         return v
 
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _pairs(cls, v):
+        """YAML has no tuples: [[2, 64], ...] are the pairs."""
+        return [tuple(c) if isinstance(c, list) else c for c in v] if isinstance(v, list) else v
+
     @field_validator("choices")
     @classmethod
     def _choices(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -20,6 +20,9 @@ NEEDS_ANSWER = ("val.jsonl", "test.jsonl", "lora_val.jsonl", "lora_test.jsonl", 
 
 
 def run(params: DataParams, out: str | Path, labels: str | Path, metrics: str | Path) -> dict:
+    user = dict(params.user_files)  # read and checked first: a bad file fails before any work
+    user_labels = load_labels(user.pop(LABELS_FILE)) if LABELS_FILE in user else None
+    user_records = {name: load_records(path, need_answer=name in NEEDS_ANSWER) for name, path in user.items()}
     with open_stage("data", params.model_dump(), out=out, inputs=[], metrics=metrics) as stage:
         files, label_rows = build_suite(
             seed=params.seed, n_train=params.train_per_family, n_val=params.val_per_family,
@@ -30,13 +33,11 @@ def run(params: DataParams, out: str | Path, labels: str | Path, metrics: str | 
             n_noisy=params.noisy.size, wrong_fraction=params.noisy.wrong_fraction,
             n_references=params.references, gross_fraction=params.gross_fraction,
             judge_families=tuple(params.judge_families))
-        user = dict(params.user_files)
-        if LABELS_FILE in user:
-            label_rows = load_labels(user.pop(LABELS_FILE))
+        if user_labels is not None:
+            label_rows = user_labels
         elif "noisy.jsonl" in user:
             label_rows = []  # the generated labels describe the generated set, not the user's
-        for name, path in user.items():
-            files[name] = load_records(path, need_answer=name in NEEDS_ANSWER)
+        files.update(user_records)
         with stage.output() as tmp:
             for name, records in files.items():
                 write_jsonl(tmp / name, records)

@@ -29,6 +29,7 @@ from kernels.quant_linear import padded_width
 from slimforge import SlimforgeError
 from slimforge.batching import calibration_batches, encode_records
 from slimforge.evaluate import evaluate_suite
+from slimforge.evaluate.harness import eval_files
 from slimforge.io import folder_hash, write_provenance
 from slimforge.losses import distillation_loss
 from slimforge.modeling import load_model
@@ -41,6 +42,9 @@ from stages.quantize.allocate import allocate, config_cost, error_table
 from stages.quantize.decompose import lq_decompose
 from stages.quantize.fisher import fisher_diagonal, rank1_fisher
 from stages.quantize.params import QuantizeParams
+
+
+LREC_FILE = "train.jsonl"  # the text error correction trains on
 
 
 def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -58,6 +62,16 @@ def pad_columns(w: torch.Tensor, group: int) -> torch.Tensor:
 
 def pad_weight(col: torch.Tensor | None, width: int) -> torch.Tensor | None:
     return None if col is None else torch.nn.functional.pad(col, (0, width - col.shape[0]))
+
+
+def check_budget(shapes: list[tuple[int, int]], choices: list[tuple[int, int]], rank: int, budget: float) -> None:
+    """Refuse, from the shapes alone (before any Fisher pass), a budget below the cheapest mix."""
+    total = sum(n * k for n, k in shapes)
+    cheapest = sum(min(config_cost((n, padded_width(k, g)), b, g, rank) for b, g in choices) for n, k in shapes)
+    if cheapest > budget * total:
+        raise SlimforgeError(f"budget {budget} bits/weight is infeasible: the cheapest of `choices` for every matrix, "
+                             f"with rank {rank} factors, needs {cheapest / total:.3f} bits/weight; raise the budget, "
+                             f"lower the rank or add cheaper choices")
 
 
 def choose_formats(weights: dict[str, torch.Tensor], factors: dict[str, tuple], choices: list[tuple[int, int]],
@@ -117,7 +131,7 @@ def correct_errors(student, teacher, tokenizer, params: QuantizeParams, data: Pa
             if isinstance(p, torch.nn.Parameter):
                 p.requires_grad_(True)
     lrec = params.lrec
-    examples = encode_records(load_records(data / "train.jsonl"), tokenizer, max_len=params.calibration.max_len)
+    examples = encode_records(load_records(data / LREC_FILE), tokenizer, max_len=params.calibration.max_len)
     history = train_causal_lm(student, examples, lrec, pad_id=tokenizer.pad_token_id, seed=params.seed,
                               checkpoint_dir=stage.checkpoints, fingerprint=stage.fingerprint,
                               loss_fn=distillation_loss(teacher, ce_weight=lrec.ce_weight, kl_weight=lrec.kl_weight),
@@ -134,6 +148,8 @@ def run(params: QuantizeParams, model: str | Path, base: str | Path, data: str |
         fp_model, tokenizer = load_model(source, device=stage.device)
         linears = target_linears(fp_model, params.targets)  # a model without them fails here, before any work
         rank = params.rank if params.method == "lq_lora" else 0
+        if params.budget is not None:
+            check_budget([tuple(m.weight.shape) for m in linears.values()], params.choices, rank, params.budget)
         started = time.perf_counter()
         factors = {}
         if params.fisher:
@@ -200,3 +216,8 @@ def _gap_closed(results: dict) -> dict:
             if abs(gap) > 1e-9:
                 out[f"{name}.{key}"] = (results[name][key] - rtn[key]) / gap
     return out
+
+
+def suite_files(params: QuantizeParams) -> list[str]:
+    """The data stage's files this stage reads: calibration, error-correction text and evaluation."""
+    return sorted({*params.calibration.files, LREC_FILE, *eval_files()})

@@ -20,15 +20,16 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[l
     return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
 
-def encode_records(records: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int | None = None
-                   ) -> list[tuple[list[int], int]]:
-    """[(token ids, number of prompt tokens)] with BOS + prompt + response + EOS. Prompt and response
-    are tokenized separately, exactly as at generation time (the response starts a new token)."""
+def encode_records(records: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int | None = None,
+                   eos: bool = True) -> list[tuple[list[int], int]]:
+    """[(token ids, number of prompt tokens)] with BOS + prompt + response + EOS (without the EOS
+    when `eos` is False). Prompt and response are tokenized separately, exactly as at generation
+    time (the response starts a new token)."""
     prompts = prompt_ids(tokenizer, [r["prompt"] for r in records])
     responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
     out = []
     for p, r in zip(prompts, responses):
-        ids = p + r + [tokenizer.eos_token_id]
+        ids = p + r + ([tokenizer.eos_token_id] if eos else [])
         if max_len is not None and len(ids) > max_len:
             ids = ids[:max_len]
         out.append((ids, len(p)))

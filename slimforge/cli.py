@@ -24,6 +24,7 @@ def _flow(args: list[str]) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from slimforge.evaluate import evaluate_suite
+    from slimforge.evaluate.harness import TEST_FILES
     from slimforge.io import write_json
     from slimforge.modeling import load_model
 
@@ -33,7 +34,7 @@ def _eval(args: argparse.Namespace) -> None:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code, device)
-    metrics = evaluate_suite(model, tokenizer, args.data, model_dir=args.model)
+    metrics = evaluate_suite(model, tokenizer, args.data, model_dir=args.model, test_files=TEST_FILES)
     if args.out:
         write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("model")
     ev.add_argument("--data", default="data/tasks", help="suite folder (default: data/tasks)")
     ev.add_argument("--out", help="write the metrics JSON here")
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: the dtype the weights were saved in")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--trust-remote-code", action="store_true")
     check = sub.add_parser("check-data", help="validate a JSONL file against the suite schema")

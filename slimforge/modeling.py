@@ -37,15 +37,16 @@ def tiny_llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: in
     return model
 
 
-def load_model(source: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+def load_model(source: str | Path, dtype: str = "auto", trust_remote_code: bool = False,
                device: str | torch.device = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local HF folder or a hub id already in the local
-    cache (downloads are never attempted). Raises SlimforgeError with the reason on failure."""
+    cache (downloads are never attempted). `dtype` "auto" keeps the dtype the weights were saved
+    in (a bf16 base stays bf16 through every stage). Raises SlimforgeError with the reason on failure."""
     import slimforge.pruning  # noqa: F401  registers the pruned-model classes (no remote code needed)
 
     source = str(source)
-    if dtype not in DTYPES:
-        raise SlimforgeError(f"dtype {dtype!r} is not supported (allowed: {', '.join(DTYPES)})")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise SlimforgeError(f"dtype {dtype!r} is not supported (allowed: auto, {', '.join(DTYPES)})")
     is_dir = Path(source).is_dir()
     if is_dir and (Path(source) / "quantization.json").is_file():  # the quantize stage's folders
         from slimforge.quantized import load_quantized
@@ -62,7 +63,8 @@ def load_model(source: str | Path, dtype: str = "float32", trust_remote_code: bo
                              f"{str(err).splitlines()[0]}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=True, trust_remote_code=trust_remote_code, dtype=DTYPES[dtype])
+            source, local_files_only=True, trust_remote_code=trust_remote_code,
+            dtype="auto" if dtype == "auto" else DTYPES[dtype])
     except Exception as err:
         raise SlimforgeError(f"model source {source!r} ({where}): cannot load a causal LM: "
                              f"{str(err).splitlines()[0]}") from None

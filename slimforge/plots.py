@@ -32,7 +32,8 @@ def write_curve(path_stem: str | Path, xs: list, series: dict[str, list[float]],
             ax.plot(xs[smooth - 1:], run, label=f"{name} (mean of {smooth})")
     ax.set_xlabel(xlabel)
     ax.set_title(title)
-    if all(y > 0 for ys in series.values() for y in ys):  # a 0% prune has KL 0: stay linear
+    values = [y for ys in series.values() for y in ys]
+    if values and all(y > 0 for y in values):  # a 0% prune has KL 0: stay linear
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()

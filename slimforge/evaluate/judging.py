@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from slimforge.evaluate.scoring import next_token_probs, response_logprobs
-from slimforge.tasks.judge import pairwise_prompt, verdict_ids, verify_prompt
+from slimforge.tasks.judge import VERDICTS, pairwise_prompt, verdict_ids, verify_prompt
 
 
 def debiased_win(p_a_target_first: torch.Tensor, p_a_target_second: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,20 @@ def debiased_win(p_a_target_first: torch.Tensor, p_a_target_second: torch.Tensor
 
 
 def verdict_probs(model, tokenizer, prompts: list[str], fmt: str, batch_size: int = 256) -> torch.Tensor:
-    """P(first verdict: ' yes' or ' A') for each prompt, renormalised over the two verdicts."""
-    return next_token_probs(model, tokenizer, prompts, verdict_ids(tokenizer, fmt), batch_size)[:, 0]
+    """P(first verdict: ' yes' or ' A') for each prompt, renormalised over the two verdicts.
+
+    Where each verdict is one token (the embedded tokenizer guarantees it) the two are read from
+    the next-token distribution, one forward pass per prompt. A tokenizer that splits a verdict
+    into several tokens gets the log-probability of each verdict's whole token sequence after the
+    prompt (teacher-forced, batched; no EOS), and the softmax over the two."""
+    try:
+        ids = verdict_ids(tokenizer, fmt)
+    except ValueError:
+        first, second = VERDICTS[fmt]
+        rows = [{"prompt": p, "response": v} for v in (first, second) for p in prompts]
+        sums, _ = response_logprobs(model, tokenizer, rows, max(1, batch_size // 2), eos=False)
+        return torch.softmax(sums.view(2, len(prompts)).T, dim=-1)[:, 0]
+    return next_token_probs(model, tokenizer, prompts, ids, batch_size)[:, 0]
 
 
 def pairwise_win_probs(model, tokenizer, targets: list[dict], refs: list[list[dict]], batch_size: int = 256

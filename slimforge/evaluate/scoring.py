@@ -13,11 +13,11 @@ from slimforge.batching import collate, encode_records, left_pad, prompt_ids
 
 @torch.no_grad()
 def response_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
-                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per record: the summed log-prob of its response tokens (and the EOS) given the prompt, and
-    how many tokens that is (fp32 CPU tensors, input order)."""
+                      batch_size: int = 64, eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per record: the summed log-prob of its response tokens (and the EOS, unless `eos` is False)
+    given the prompt, and how many tokens that is (fp32 CPU tensors, input order)."""
     device = next(model.parameters()).device
-    examples = encode_records(records, tokenizer)
+    examples = encode_records(records, tokenizer, eos=eos)
     sums, counts = [], []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)

@@ -33,7 +33,9 @@ from stages.filter.params import FilterParams
 
 
 def judge_report(judge, tokenizer, data_dir: Path, labels_dir: Path, params: FilterParams) -> dict:
-    targets, pool = load_records(data_dir / params.targets), load_pool(data_dir / params.pool)
+    # the suite files the params name, read from this data folder
+    targets = load_records(data_dir / Path(params.targets).name)
+    pool = load_pool(data_dir / Path(params.pool).name)
     with tempfile.TemporaryDirectory() as cache:
         methods = {"meta_ranking": filter_rows(judge, tokenizer, targets, pool, params, Path(cache), 0),
                    "direct": baseline(direct_probs, judge, tokenizer, targets, pool, params.batch_size,

@@ -103,6 +103,8 @@ def save_quantized(model, tokenizer, source_folder: str | Path, folder: str | Pa
         model.generation_config.save_pretrained(folder)
     for py in source_folder.glob("*.py"):  # a pruned model's modeling file travels with its config
         shutil.copyfile(py, folder / py.name)
+    if (source_folder / "plan.json").is_file():  # and its plan, which LoRAM recovery needs (QLoRAM)
+        shutil.copyfile(source_folder / "plan.json", folder / "plan.json")
     tokenizer.save_pretrained(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):

@@ -93,7 +93,25 @@ def missing_deps(deps: list, closure: set[Path], root: Path = REPO) -> list[str]
                   if not any(f == c or c in f.parents for c in covered))
 
 
-DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+def resolve_vars(dvc: dict, root: Path = REPO) -> dict:
+    """dvc.yaml with its `${key}` / `${a.b}` templates filled from the `vars` files, as DVC does."""
+    values = {}
+    for entry in dvc.get("vars", []):
+        file, _, keys = entry.partition(":")
+        data = yaml.safe_load((root / file).read_text())
+        values.update({k: data[k] for k in keys.split(",")} if keys else data)
+
+    def lookup(match):
+        value = values
+        for part in match.group(1).split("."):
+            value = value[part]
+        return str(value)
+
+    text = re.sub(r"\$\{([\w.]+)\}", lookup, yaml.safe_dump(dvc))
+    return yaml.safe_load(text)
+
+
+DVC = resolve_vars(yaml.safe_load((REPO / "dvc.yaml").read_text()))
 STAGES = stage_modules(DVC)
 
 
@@ -128,3 +146,31 @@ def test_closure_follows_relative_imports_function_level_imports_and_data_files(
     got = {str(p.relative_to(tmp_path)) for p in import_closure("slimforge.sub.a", tmp_path)}
     assert got == {"slimforge/__init__.py", "slimforge/sub/__init__.py", "slimforge/sub/a.py",
                    "slimforge/sub/b.py", "slimforge/sub/table.json", "slimforge/c.py"}
+
+
+@pytest.mark.parametrize("stage", ["base", "prune", "quantize", "filter", "lora"])
+def test_deps_cover_the_data_files_the_shipped_params_make_the_stage_read(stage):
+    import importlib
+
+    from slimforge.config import load_params
+
+    module = importlib.import_module(f"stages.{stage}")
+    schema = importlib.import_module(f"stages.{stage}.params")
+    name = {"base": "BaseParams", "prune": "PruneParams", "quantize": "QuantizeParams", "filter": "FilterParams",
+            "lora": "LoraParams"}[stage]
+    params = load_params(REPO / "params" / f"{stage}.yaml", getattr(schema, name))
+    reads = {f"data/tasks/{f}" for f in module.suite_files(params)}
+    if stage == "lora":
+        reads |= {params.model, params.train_rows}
+    if stage == "filter":
+        reads |= {params.targets, params.pool}
+    deps = set(DVC["stages"][stage]["deps"])
+    assert reads and not reads - deps, f"dvc.yaml stage '{stage}' reads {sorted(reads - deps)} without a dep on them"
+    assert "data/tasks" not in deps  # per-file deps: a change to another stage's files does not rerun this one
+
+
+def test_templated_deps_follow_the_params(tmp_path):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "lora.yaml").write_text("model: data/quantized\ntrain_rows: data/filtered/filtered.jsonl\n")
+    dvc = {"vars": ["params/lora.yaml:model,train_rows"], "stages": {"lora": {"deps": ["${model}", "${train_rows}"]}}}
+    assert resolve_vars(dvc, tmp_path)["stages"]["lora"]["deps"] == ["data/quantized", "data/filtered/filtered.jsonl"]

@@ -24,6 +24,11 @@ SMALL = {"references": 3, "downstream": {"steps": 3, "batch_size": 8}, "finetune
          "batch_size": 64}
 
 
+def _params(suite_dir, **overrides) -> FilterParams:
+    return FilterParams.model_validate({**SMALL, "targets": str(suite_dir / "noisy.jsonl"),
+                                        "pool": str(suite_dir / "references.jsonl"), **overrides})
+
+
 def test_vote_counts_only_the_informative_outcomes():
     ref_correct = torch.tensor([[True, True, False, False]])
     # beats both correct refs confidently, beats one wrong ref, loses to the other wrong one
@@ -113,7 +118,7 @@ def test_scores_are_cached_and_reused(tmp_path, tokenizer, monkeypatch):
 
 def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_dir, tokenizer, monkeypatch):
     base = save_tiny("llama", tokenizer, tmp_path / "base")
-    params = FilterParams.model_validate({**SMALL, "rounds": 2})
+    params = _params(suite_dir, **{"rounds": 2})
     read = []
     real = filter_stage.read_jsonl
 
@@ -143,7 +148,7 @@ def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_d
 
 def test_filtering_works_without_the_labels(tmp_path, suite_dir, tokenizer):
     base = save_tiny("llama", tokenizer, tmp_path / "base")
-    params = FilterParams.model_validate({**SMALL, "baselines": False, "downstream": {"steps": 0}})
+    params = _params(suite_dir, **{"baselines": False, "downstream": {"steps": 0}})
     m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels=None)
     assert "detection" not in m and 0 <= m["kept_fraction"] <= 1
 
@@ -152,21 +157,21 @@ def test_bad_input(tmp_path, suite_dir, tokenizer):
     base = save_tiny("llama", tokenizer, tmp_path / "base")
     only_good = tmp_path / "good.jsonl"
     only_good.write_text("".join(json.dumps(r | {"correct": True}) + "\n" for r in _pool()))
-    params = FilterParams.model_validate({**SMALL, "pool": str(only_good)})
+    params = _params(suite_dir, **{"pool": str(only_good)})
     with pytest.raises(SlimforgeError, match="correct and wrong"):
         run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json")
     with pytest.raises(SlimforgeError, match="more than the pool"):
-        run(FilterParams.model_validate({**SMALL, "references": 10_000}), base, suite_dir, tmp_path / "out",
+        run(_params(suite_dir, **{"references": 10_000}), base, suite_dir, tmp_path / "out",
             tmp_path / "m.json")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "1+1=", "response": "2", "correct": true}\n{oops\n')
     with pytest.raises(SlimforgeError, match=r"broken.jsonl:2"):
-        run(FilterParams.model_validate({**SMALL, "pool": str(broken)}), base, suite_dir, tmp_path / "out",
+        run(_params(suite_dir, **{"pool": str(broken)}), base, suite_dir, tmp_path / "out",
             tmp_path / "m.json")
     no_tok = tmp_path / "no_tok"
     tiny_model("llama", tokenizer).save_pretrained(no_tok)
     with pytest.raises(SlimforgeError, match="tokenizer"):
-        run(FilterParams.model_validate(SMALL), no_tok, suite_dir, tmp_path / "out", tmp_path / "m.json")
+        run(_params(suite_dir), no_tok, suite_dir, tmp_path / "out", tmp_path / "m.json")
     assert not (tmp_path / "out").exists()
 
 
@@ -175,7 +180,7 @@ def test_cached_scores_are_dropped_when_the_judge_is_retrained_at_the_same_path(
     """The resume fingerprint hashes the judge's contents: a killed run's cached scores are reused by
     the same judge and thrown away when another model now sits at the same path."""
     base = save_tiny("llama", tokenizer, tmp_path / "base", seed=0)
-    params = FilterParams.model_validate({**SMALL, "baselines": False, "downstream": {"steps": 0}})
+    params = _params(suite_dir, **{"baselines": False, "downstream": {"steps": 0}})
     args = (params, base, suite_dir, tmp_path / "out", tmp_path / "m.json")
     real, calls = filter_stage.pairwise_win_probs, []
 

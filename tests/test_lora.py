@@ -23,6 +23,11 @@ SMALL = {"rank": 4, "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "c
          "eval_batch_size": 64}
 
 
+def _params(suite_dir, model, **overrides) -> LoraParams:
+    return LoraParams.model_validate({**SMALL, "model": str(model), "train_rows": str(suite_dir / "lora_train.jsonl"),
+                                      **overrides})
+
+
 def _plan(model) -> PrunePlan:
     """Uneven cuts: layer 0 drops KV head 0 (query heads 0, 1) and scattered channels; layer 1
     keeps every head but one query head per KV head, and a different channel set."""
@@ -131,9 +136,9 @@ def test_recovery_refuses_an_adapter_from_another_plan(tokenizer):
 
 def test_recovered_adapter_reloads_with_peft_in_a_fresh_process(tmp_path, suite_dir, tokenizer):
     base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
-    params = LoraParams.model_validate({**SMALL, "baselines": False})
+    params = _params(suite_dir, tmp_path / "pruned", baselines=False)
     _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
-    run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "plots")
+    run(params, base_dir, suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "plots")
     from transformers import AutoModelForCausalLM
 
     ids = [[1, 8, 5, 9, 3, 7, 2, 4]]
@@ -188,8 +193,10 @@ def _write_pruned(base_dir, folder, tokenizer, refit_noise: float = 0.0):
 def test_stage_end_to_end(tmp_path, suite_dir, tokenizer, prune_weights):
     base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
     _write_pruned(base_dir, tmp_path / "pruned", tokenizer, refit_noise=0.5)
-    params = LoraParams.model_validate({**SMALL, "prune_weights": prune_weights})
-    m = run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "plots")
+    params = _params(suite_dir, tmp_path / "pruned", prune_weights=prune_weights)
+    m = run(params, base_dir, suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "plots")
+    assert m["model"] == "pruned" and m["families"] == ["add3"]
+    assert m["results"]["recovered"]["accuracy_lora"] == m["results"]["recovered"]["accuracy"]["add3"]
     assert set(m["results"]) == {"base", "pruned_adapter", "recovered", "full_lora"}
     assert m["results"]["pruned_adapter"]["params"] < m["results"]["base"]["params"]
     assert m["training"]["loram"]["state_bytes"] < m["training"]["full_lora"]["state_bytes"]
@@ -227,15 +234,15 @@ def test_stage_on_the_quantized_model_and_plain_lora(tmp_path, suite_dir, tokeni
 
     pruned, _ = load_model(tmp_path / "pruned")
     save_quantized(_quantized(pruned), tokenizer, tmp_path / "pruned", tmp_path / "quantized")
-    params = LoraParams.model_validate({**SMALL, "model": "quantized", "baselines": False})
-    m = run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "p",
-            quantized=tmp_path / "quantized")
+    assert (tmp_path / "quantized" / "plan.json").exists()  # the quantized folder carries the plan for recovery
+    params = _params(suite_dir, tmp_path / "quantized", baselines=False)
+    m = run(params, base_dir, suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "p")
     assert set(m["results"]) == {"pruned_adapter", "recovered"} and m["training"]["loram"]["trainable_params"] > 0
     again, _ = load_model(tmp_path / "q" / "pruned_model")  # the packed small model, factors aligned
     assert type(again.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
     load_adapter(again, tmp_path / "q" / "pruned_adapter")
-    params = LoraParams.model_validate({**SMALL, "model": "base", "baselines": False})
-    m = run(params, base_dir, tmp_path / "none", suite_dir, tmp_path / "plain", tmp_path / "m.json", tmp_path / "p")
+    params = _params(suite_dir, base_dir, baselines=False)
+    m = run(params, base_dir, suite_dir, tmp_path / "plain", tmp_path / "m.json", tmp_path / "p")
     assert set(m["results"]) == {"lora"} and (tmp_path / "plain" / "adapter" / "adapter_config.json").exists()
 
 
@@ -245,17 +252,21 @@ def test_bad_input(tmp_path, suite_dir, tokenizer):
     _write_pruned(other, tmp_path / "pruned_other", tokenizer)
     args = (suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "plots")
     with pytest.raises(SlimforgeError, match="does not match the model"):
-        run(LoraParams.model_validate(SMALL), base_dir, tmp_path / "pruned_other", *args)
+        run(_params(suite_dir, tmp_path / "pruned_other"), base_dir, *args)
     _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
     with pytest.raises(SlimforgeError, match="no usable training rows"):
-        run(LoraParams.model_validate({**SMALL, "train": {"max_len": 8}}), base_dir, tmp_path / "pruned", *args)
+        run(_params(suite_dir, tmp_path / "pruned", train={"max_len": 8}), base_dir, *args)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SlimforgeError, match="no records"):
-        run(LoraParams.model_validate({**SMALL, "train_file": str(tmp_path / "empty.jsonl")}), base_dir,
-            tmp_path / "pruned", *args)
+        run(_params(suite_dir, tmp_path / "pruned", train_rows=str(tmp_path / "empty.jsonl")), base_dir, *args)
+    with pytest.raises(SlimforgeError, match="model: .*nowhere is not a folder"):
+        run(_params(suite_dir, tmp_path / "nowhere"), base_dir, *args)
+    user_rows = tmp_path / "mine.jsonl"
+    user_rows.write_text('{"prompt": "2@3=", "response": "5", "family": "at"}\n')
+    with pytest.raises(SlimforgeError, match=r"families \['at'\] have no test problems in .*lora_test.jsonl"):
+        run(_params(suite_dir, tmp_path / "pruned", train_rows=str(user_rows)), base_dir, *args)
     assert not (tmp_path / "lora").exists()
-    for bad, msg in (({"rank": 0}, "greater than or equal to 1"), ({"targets": ["c_attn"]}, "targets must be"),
-                     ({"model": "tiny"}, "pruned")):
+    for bad, msg in (({"rank": 0}, "greater than or equal to 1"), ({"targets": ["c_attn"]}, "targets must be")):
         with pytest.raises(Exception, match=msg):
             LoraParams.model_validate(bad)
 
@@ -284,8 +295,8 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, suite_dir, tok
 
     base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
     _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
-    params = LoraParams.model_validate({**SMALL, "baselines": False})
-    args = (params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "p")
+    params = _params(suite_dir, tmp_path / "pruned", baselines=False)
+    args = (params, base_dir, suite_dir, tmp_path / "lora", tmp_path / "m.json", tmp_path / "p")
     real = stage.evaluate_suite
 
     def killed(*a, **k):  # the process dies right after the LoRA training, before anything is written
@@ -298,7 +309,7 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, suite_dir, tok
     monkeypatch.setattr(stage, "evaluate_suite", real)
     m = run(*args)
     assert m["training"]["loram"]["resumed_from"] == 3  # checkpoint_every: 3 of 6 steps
-    run(params, base_dir, tmp_path / "pruned", suite_dir, tmp_path / "again", tmp_path / "m2.json", tmp_path / "p2")
+    run(params, base_dir, suite_dir, tmp_path / "again", tmp_path / "m2.json", tmp_path / "p2")
     resumed, straight = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("lora", "again"))
     assert resumed.keys() == straight.keys()
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in resumed)  # as if never killed

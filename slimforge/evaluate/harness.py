@@ -16,46 +16,46 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimforge.evaluate.generation import exact_match
-from slimforge.evaluate.scoring import next_token_probs, perplexity
+from slimforge.evaluate.judging import verdict_probs
+from slimforge.evaluate.scoring import perplexity
 from slimforge.evaluate.speed import decode_tokens_per_s
 from slimforge.io import folder_bytes
 from slimforge.modeling import count_parameters
-from slimforge.tasks.families import BASE_FAMILIES
-from slimforge.tasks.judge import VERDICTS, verdict_ids
+from slimforge.tasks.judge import VERDICTS
 from slimforge.tasks.records import load_records
 
-# Evaluation files of the embedded suite, read when present in the data folder.
-TEST_FILES = ("test.jsonl", "lora_test.jsonl", "rl_test.jsonl")
-PPL_FILE = "test.jsonl"
+# Evaluation files of the embedded suite. test.jsonl holds the base families (the model's own
+# tasks); lora_test.jsonl and rl_test.jsonl the later stages' families.
+BASE_TEST = "test.jsonl"
+TEST_FILES = (BASE_TEST, "lora_test.jsonl", "rl_test.jsonl")
 JUDGE_FILE = "judge_test.jsonl"
 
 
 def judge_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
                    batch_size: int = 128) -> dict[str, float]:
-    """Share of judge items whose more probable verdict is the right one, per format."""
+    """Share of judge items whose more probable verdict is the right one, per format (verdicts of
+    several tokens are scored as whole sequences, see judging.verdict_probs)."""
     out = {}
     for fmt in VERDICTS:
         items = [r for r in records if r.get("format") == fmt]
         if not items:
             continue
-        try:
-            ids = verdict_ids(tokenizer, fmt)
-        except ValueError:
-            continue  # a real model's tokenizer may split the verdicts: no judge metric then
-        probs = next_token_probs(model, tokenizer, [r["prompt"] for r in items], ids, batch_size)
-        predicted = [VERDICTS[fmt][int(i)] for i in probs.argmax(-1)]
+        p_first = verdict_probs(model, tokenizer, [r["prompt"] for r in items], fmt, batch_size)
+        predicted = [VERDICTS[fmt][0 if p >= 0.5 else 1] for p in p_first.tolist()]
         out[fmt] = sum(p == r["response"] for p, r in zip(predicted, items)) / len(items)
     return out
 
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test_records: list[dict],
              ppl_records: list[dict] | None = None, judge_records: list[dict] | None = None,
-             model_dir: str | Path | None = None, batch_size: int = 256, speed: bool = True) -> dict:
-    """Metrics for one model. `test_records` need `answer`; the rest are optional."""
+             model_dir: str | Path | None = None, batch_size: int = 256, speed: bool = True,
+             base_families: list[str] | None = None) -> dict:
+    """Metrics for one model. `test_records` need `answer`; the rest are optional.
+    `accuracy_base` is the macro mean over `base_families` (default: every family tested)."""
     start = time.perf_counter()
     model.eval()
     acc = exact_match(model, tokenizer, test_records, batch_size)
-    base = [acc[f] for f in BASE_FAMILIES if f in acc]
+    base = [acc[f] for f in (acc if base_families is None else base_families) if f in acc]
     metrics: dict = {"accuracy": acc, "params": count_parameters(model)}
     if base:
         metrics["accuracy_base"] = sum(base) / len(base)
@@ -71,13 +71,24 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test_re
     return metrics
 
 
+def eval_files(test_files: tuple[str, ...] = (BASE_TEST,)) -> list[str]:
+    """The suite files `evaluate_suite` reads: the test files and the judge items."""
+    return [*test_files, JUDGE_FILE]
+
+
 def evaluate_suite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: str | Path,
-                   model_dir: str | Path | None = None, batch_size: int = 256, speed: bool = True) -> dict:
-    """`evaluate` on the suite files found in `data_dir` (the data stage's output)."""
+                   model_dir: str | Path | None = None, batch_size: int = 256, speed: bool = True,
+                   test_files: tuple[str, ...] = (BASE_TEST,)) -> dict:
+    """`evaluate` on suite files of `data_dir` (the data stage's output): exact match on
+    `test_files` (those present), perplexity and `accuracy_base` on test.jsonl (its families are
+    the base families), judge accuracy on judge_test.jsonl. A stage reads only the files it names,
+    so dvc.yaml can make it depend on just those."""
     data_dir = Path(data_dir)
-    tests = [r for name in TEST_FILES if (data_dir / name).exists()
-             for r in load_records(data_dir / name, need_answer=True)]
-    ppl = load_records(data_dir / PPL_FILE) if (data_dir / PPL_FILE).exists() else None
+    loaded = {name: load_records(data_dir / name, need_answer=True) for name in test_files
+              if (data_dir / name).exists()}
+    tests = [r for records in loaded.values() for r in records]
+    ppl = loaded.get(BASE_TEST)
+    families = sorted({r["family"] for r in ppl}) if ppl else None
     judge = load_records(data_dir / JUDGE_FILE) if (data_dir / JUDGE_FILE).exists() else None
     with torch.no_grad():
-        return evaluate(model, tokenizer, tests, ppl, judge, model_dir, batch_size, speed)
+        return evaluate(model, tokenizer, tests, ppl, judge, model_dir, batch_size, speed, families)

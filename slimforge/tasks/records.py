@@ -11,12 +11,6 @@ FIELD_TYPES = {"prompt": str, "response": str, "answer": str, "family": str, "id
                "correct": bool, "format": str}
 
 
-def resolve(folder: str | Path, name: str) -> Path:
-    """A suite file name inside the data folder, or a path the user gave."""
-    path = Path(name)
-    return path if path.is_absolute() or path.exists() else Path(folder) / name
-
-
 def load_records(path: str | Path, need_answer: bool = False, allow_empty: bool = False) -> list[dict]:
     """Records from a JSONL file in the suite schema. `need_answer` for evaluation files, where
     exact match needs the verified answer. Missing `family` becomes "user". An empty file is an

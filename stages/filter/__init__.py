@@ -33,7 +33,7 @@ from slimforge.evaluate.judging import direct_probs, mean_logprob, pairwise_win_
 from slimforge.io import read_jsonl, write_jsonl, write_provenance
 from slimforge.modeling import load_model
 from slimforge.stage import open_stage
-from slimforge.tasks.records import load_records, resolve
+from slimforge.tasks.records import load_records
 from slimforge.training import train_causal_lm
 from stages.filter.downstream import downstream_accuracy
 from stages.filter.params import FilterParams
@@ -178,7 +178,7 @@ def run(params: FilterParams, model: str | Path, data: str | Path, out: str | Pa
     """`model`: the judge unless params.judge names one, and the model the downstream LoRAs train."""
     data, base = Path(data), Path(model)
     judge_dir = Path(params.judge) if params.judge else base
-    targets_path, pool_path = resolve(data, params.targets), resolve(data, params.pool)
+    targets_path, pool_path = Path(params.targets), Path(params.pool)
     targets, pool = load_records(targets_path), load_pool(pool_path)
     if params.references > len(pool) - 1:
         raise SlimforgeError(f"references: {params.references} is more than the pool's {len(pool) - 1} usable "
@@ -208,6 +208,11 @@ def run(params: FilterParams, model: str | Path, data: str | Path, out: str | Pa
             report["wrong_fraction"] = sum(wrong) / len(wrong)
         if params.downstream.steps > 0:
             report["downstream_accuracy"] = downstream_accuracy(
-                base, targets, methods, wrong, load_records(resolve(data, params.downstream.test_file), need_answer=True),
+                base, targets, methods, wrong, load_records(data / params.downstream.test_file, need_answer=True),
                 params.downstream, params.seed, stage)
         return stage.finish(report)
+
+
+def suite_files(params: FilterParams) -> list[str]:
+    """The data stage's files this stage reads besides `targets` and `pool`."""
+    return [params.downstream.test_file] if params.downstream.steps > 0 else []

@@ -16,15 +16,16 @@ class Downstream(Schedule):
 
     rank: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/rank)")
-    test_file: str = Field("lora_test.jsonl", description="suite file the LoRAs are scored on")
+    test_file: str = Field("lora_test.jsonl", description="suite file (in the data folder) the LoRAs are scored on")
 
 
 class FilterParams(Schema):
     seed: int = Field(0, description="seed of reference draws and fine-tunes")
     judge: str | None = Field(None, description="judge model folder; null: the base model")
-    targets: str = Field("noisy.jsonl", description="instruction set to filter (suite file, or a path)")
-    pool: str = Field("references.jsonl", description="labelled reference pool: JSONL rows with prompt, "
-                      "response and a boolean `correct` (suite file, or a path)")
+    targets: str = Field("data/tasks/noisy.jsonl", description="instruction set to filter (a path; dvc.yaml "
+                         "depends on exactly this file): the suite's, or yours under user_data/")
+    pool: str = Field("data/tasks/references.jsonl", description="labelled reference pool, JSONL rows with prompt, "
+                      "response and a boolean `correct` (a path; dvc.yaml depends on exactly this file)")
     references: int = Field(5, ge=1, description="references each target is compared with")
     balanced: bool = Field(True, description="draw ceil(N/2) correct and floor(N/2) wrong references")
     threshold: float | None = Field(None, description="keep when the score reaches this; null: calibrated "

@@ -1,13 +1,12 @@
 """lora stage: LoRAM ("Train Small, Infer Large") — train LoRA on the pruned (or quantized pruned)
 model, recover the adapters to the full model's shape, infer with the full model.
 
-    python -m stages.lora --params params/lora.yaml --base data/base --pruned data/pruned \
-        --quantized data/quantized --filtered data/filtered --data data/tasks --out data/lora \
-        --metrics metrics/lora.json --plots plots/lora
+    python -m stages.lora --params params/lora.yaml --base data/base --data data/tasks \
+        --out data/lora --metrics metrics/lora.json --plots plots/lora
 
-1. The small model: the base cut to plan.json (prune_weights: selection), the prune stage's refit
-   weights (refit), the quantize stage's packed model (model: quantized, QLoRAM: the frozen
-   weights stay packed and run on the low-bit kernels), or the base itself (model: base).
+1. The small model, the folder params name in `model`: a pruned folder (the base cut to its
+   plan.json with prune_weights: selection, or its refit weights), a quantized one (QLoRAM: the
+   frozen weights stay packed and run on the low-bit kernels), or the base itself (plain LoRA).
 2. Alignment: a short full-parameter training of the small model towards the full one (by
    default matching its residual stream after every layer), so the adapters learn on a model that
    computes like the one they will serve. A quantized model's packed weights stay frozen; its
@@ -19,7 +18,8 @@ model, recover the adapters to the full model's shape, infer with the full model
    (`data/lora/pruned_model`).
 5. Metrics for (a) pruned model + its adapter, (b) base + recovered adapter, loaded back with
    PeftModel.from_pretrained, (c) the untouched base, (d) LoRA trained on the full base with the same
-   data, steps and seed; training memory and tokens/s of both trainings; loss curves.
+   data, steps and seed; training memory and tokens/s of both trainings; loss curves. The headline
+   `accuracy_lora` is the macro accuracy over the training rows' own families (lora_test.jsonl).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from slimforge import SlimforgeError
 from slimforge.adapters import check_targets, load_adapter, train_lora
 from slimforge.batching import encode_records
 from slimforge.evaluate import evaluate_suite
+from slimforge.evaluate.harness import eval_files
 from slimforge.io import folder_hash, write_provenance
 from slimforge.losses import causal_lm_loss, distillation_loss
 from slimforge.modeling import load_model
@@ -42,8 +43,7 @@ from slimforge.plots import write_curve
 from slimforge.pruning import PrunePlan, prune_model, save_pruned
 from slimforge.quantized import save_quantized
 from slimforge.stage import open_stage
-from slimforge.tasks.families import LORA_FAMILY
-from slimforge.tasks.records import load_records, resolve
+from slimforge.tasks.records import load_records
 from slimforge.training import train_causal_lm
 from stages.lora.params import LoraParams
 from stages.lora.recover import recover_state
@@ -51,27 +51,43 @@ from stages.lora.recover import recover_state
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def training_rows(params: LoraParams, data_dir: Path, filtered_dir: Path | None) -> list[dict]:
-    if params.data == "filtered":
-        if filtered_dir is None:
-            raise SlimforgeError("data: filtered needs the filter stage's folder (--filtered data/filtered)")
-        return load_records(filtered_dir / "filtered.jsonl")
-    return load_records(resolve(data_dir, params.train_file))
+LORA_TEST = "lora_test.jsonl"
+TEST_FILES = ("test.jsonl", LORA_TEST)  # base families (kept?) and the adapter's families (learned?)
 
 
-def small_model(params: LoraParams, base: torch.nn.Module, plan: PrunePlan | None, pruned_dir: Path,
-                quantized_dir: Path | None, device: str) -> torch.nn.Module:
+def model_kind(folder: Path, base_dir: Path) -> str:
+    """What `model` names: quantized (quantization.json), pruned (plan.json) or the base itself."""
+    if not folder.is_dir():
+        raise SlimforgeError(f"model: {folder} is not a folder (the prune stage writes data/pruned, the quantize "
+                             "stage data/quantized)")
+    if (folder / "quantization.json").is_file():
+        return "quantized"
+    if (folder / "plan.json").is_file():
+        return "pruned"
+    if folder.resolve() == base_dir.resolve():
+        return "base"
+    raise SlimforgeError(f"model: {folder} is neither the base folder ({base_dir}), a pruned folder (plan.json) "
+                         "nor a quantized one (quantization.json)")
+
+
+def headline_families(rows: list[dict], data: Path) -> list[str]:
+    """The training rows' families, each of which must have test problems in lora_test.jsonl."""
+    families = sorted({r["family"] for r in rows})
+    tested = {r["family"] for r in load_records(data / LORA_TEST, need_answer=True)}
+    missing = [f for f in families if f not in tested]
+    if missing:
+        raise SlimforgeError(f"the training rows' families {missing} have no test problems in {data / LORA_TEST} "
+                             f"(it has: {', '.join(sorted(tested))}); add them there (data stage user_files)")
+    return families
+
+
+def small_model(kind: str, folder: Path, params: LoraParams, base: torch.nn.Module, plan: PrunePlan | None,
+                device: str) -> torch.nn.Module:
     """The model the adapters train on."""
-    if params.model == "base":
+    if kind == "base":
         return base
-    if params.model == "quantized":
-        if quantized_dir is None:
-            raise SlimforgeError("model: quantized needs the quantize stage's folder (--quantized data/quantized)")
-        model, _ = load_model(quantized_dir, device=device)
-        return model
-    if params.prune_weights == "refit":
-        model, _ = load_model(pruned_dir, device=device)
-        return model
+    if kind == "quantized" or params.prune_weights == "refit":
+        return load_model(folder, device=device)[0]
     return prune_model(base, plan)  # selection only: the base's own weights at the kept positions
 
 
@@ -114,11 +130,11 @@ def _set_base_ref(adapter: Path, base_ref: str) -> None:
     (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_adapters(tmp: Path, trained, params: LoraParams, plan: PrunePlan | None, tokenizer, base_dir: Path,
-                   out: Path, quantized_dir: Path | None) -> None:
+def write_adapters(tmp: Path, trained, kind: str, params: LoraParams, plan: PrunePlan | None, tokenizer,
+                   base_dir: Path, out: Path, folder: Path) -> None:
     """adapter/ (for the base: the product), and for a pruned run also pruned_adapter/ and the
     (aligned) small model it belongs to, pruned_model/, which is saved nowhere else."""
-    if params.model == "base":
+    if kind == "base":
         trained.save_pretrained(tmp / "adapter")
         _set_base_ref(tmp / "adapter", str(base_dir))
     else:
@@ -126,71 +142,77 @@ def write_adapters(tmp: Path, trained, params: LoraParams, plan: PrunePlan | Non
         _set_base_ref(tmp / "pruned_adapter", str(out / "pruned_model"))
         write_recovered(tmp / "pruned_adapter", plan, str(base_dir), params, tmp / "adapter")
         small = trained.unload()  # the adapters' layers removed, the frozen modules back
-        if params.model == "quantized":
-            save_quantized(small, tokenizer, quantized_dir, tmp / "pruned_model")
+        if kind == "quantized":
+            save_quantized(small, tokenizer, folder, tmp / "pruned_model")
         else:
             save_pruned(small, tokenizer, plan, tmp / "pruned_model")
     write_provenance(tmp, "lora", params.model_dump(), parent=folder_hash(base_dir))
 
 
-def _summary(result: dict) -> dict:
-    return {"accuracy_lora": result["accuracy"].get(LORA_FAMILY), "accuracy_base": result.get("accuracy_base"),
+def _summary(result: dict, families: list[str]) -> dict:
+    acc = [result["accuracy"][f] for f in families if f in result["accuracy"]]
+    return {"accuracy_lora": sum(acc) / len(acc) if acc else None, "accuracy_base": result.get("accuracy_base"),
             "ppl": result.get("ppl"), "accuracy": result["accuracy"], "params": result["params"]}
 
 
-def run(params: LoraParams, base: str | Path, pruned: str | Path, data: str | Path, out: str | Path,
-        metrics: str | Path, plots: str | Path, quantized: str | Path | None = None,
-        filtered: str | Path | None = None) -> dict:
-    base_dir, pruned_dir, data, out = Path(base), Path(pruned), Path(data), Path(out)
-    quantized_dir, filtered_dir = (Path(quantized) if quantized else None), (Path(filtered) if filtered else None)
-    inputs = [base_dir, data, *([pruned_dir] if params.model != "base" else []),
-              *([quantized_dir] if params.model == "quantized" and quantized_dir else []),
-              *([filtered_dir] if params.data == "filtered" and filtered_dir else [])]
-    with open_stage("lora", params.model_dump(), out=out, inputs=inputs, metrics=metrics) as stage:
+def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path, metrics: str | Path,
+        plots: str | Path) -> dict:
+    base_dir, data, out, folder, rows_path = Path(base), Path(data), Path(out), Path(params.model), Path(params.train_rows)
+    kind = model_kind(folder, base_dir)
+    with open_stage("lora", params.model_dump(), out=out, inputs=[base_dir, folder, rows_path, data],
+                    metrics=metrics) as stage:
         base_model, tokenizer = load_model(base_dir, device=stage.device)
         check_targets(base_model, params.targets)  # everything that can be wrong is checked before training
-        plan = None if params.model == "base" else PrunePlan.load(pruned_dir / "plan.json")
-        if plan is not None:
+        plan = None
+        if kind != "base":  # a quantized base has no plan: its adapters already fit the base
+            plan = (PrunePlan.load(folder / "plan.json") if (folder / "plan.json").is_file()
+                    else PrunePlan.identity(base_model.config))
             plan.check_matches(base_model.config)
-        rows = training_rows(params, data, filtered_dir)
+        rows = load_records(rows_path)
+        families = headline_families(rows, data)
         examples = [e for e in encode_records(rows, tokenizer, max_len=params.train.max_len) if len(e[0]) > e[1]]
         if not examples:
             raise SlimforgeError("no usable training rows: every row's prompt fills max_len, leaving no response tokens")
         evaluate = lambda m: _summary(evaluate_suite(m, tokenizer, data, batch_size=params.eval_batch_size,  # noqa: E731
-                                                     speed=False))
+                                                     speed=False, test_files=TEST_FILES), families)
         lora = lambda model, name: train_lora(  # noqa: E731
             model, examples, params.train, rank=params.rank, alpha=params.alpha, targets=params.targets,
             dropout=params.dropout, seed=params.seed, pad_id=tokenizer.pad_token_id,
             checkpoint_dir=stage.checkpoints / name, fingerprint=stage.fingerprint, on_log=stage.logger(f"{name}_"))
         results, training = ({"base": evaluate(base_model)} if params.baselines else {}), {}
-        small = small_model(params, base_model, plan, pruned_dir, quantized_dir, stage.device)
+        small = small_model(kind, folder, params, base_model, plan, stage.device)
         small.requires_grad_(False)
-        if params.align.steps and params.model != "base":  # packed weights stay frozen: their factors, norms
-            # and embeddings align
+        if params.align.steps and kind != "base":  # packed weights stay frozen: their factors, norms and
+            # embeddings align
             training["align"] = align(small, params, data, tokenizer, stage.checkpoints / "align", stage.fingerprint,
                                       base_model, rows)
-        name = "loram" if params.model != "base" else "lora"
+        name = "loram" if kind != "base" else "lora"
         trained, training[name] = lora(small, name)
-        if params.model != "base":
+        if kind != "base":
             results["pruned_adapter"] = evaluate(trained)
         with stage.output() as tmp:
-            write_adapters(tmp, trained, params, plan, tokenizer, base_dir, out, quantized_dir)
+            write_adapters(tmp, trained, kind, params, plan, tokenizer, base_dir, out, folder)
         del trained, small
         fresh, _ = load_model(base_dir, device=stage.device)  # the product: untouched base + the saved adapter
-        results["recovered" if params.model != "base" else "lora"] = evaluate(load_adapter(fresh, out / "adapter"))
-        if params.baselines and params.model != "base":  # the base model is still untouched (only read as teacher)
+        results["recovered" if kind != "base" else "lora"] = evaluate(load_adapter(fresh, out / "adapter"))
+        if params.baselines and kind != "base":  # the base model is still untouched (only read as teacher)
             base_model.requires_grad_(False)
             trained, training["full_lora"] = lora(base_model, "full_lora")
             results["full_lora"] = evaluate(trained)
             del trained
-        report = {"model": params.model, "prune_weights": params.prune_weights if params.model == "pruned" else None,
-                  "train_rows": len(examples), "results": results,
+        report = {"model": kind, "prune_weights": params.prune_weights if kind == "pruned" else None,
+                  "families": families, "train_rows": len(examples), "results": results,
                   "training": {k: {m: v for m, v in r.items() if m != "losses"} for k, r in training.items()},
                   **_ratios(results, training)}
         curves = {k: r["losses"] for k, r in training.items() if "losses" in r}
         files = write_curve(Path(plots) / "loss", list(range(1, params.train.steps + 1)), curves, "step",
                             "lora: training loss", smooth=10)
         return stage.finish(report, plots=files)
+
+
+def suite_files(params: LoraParams) -> list[str]:
+    """The data stage's files this stage reads besides `train_rows`: alignment text and evaluation."""
+    return sorted({*params.align.files, *eval_files(TEST_FILES)})
 
 
 def _ratios(results: dict, training: dict) -> dict:

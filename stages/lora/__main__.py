@@ -12,10 +12,6 @@ def summary(m: dict) -> str:
 
 if __name__ == "__main__":
     stage_main(run, name="lora", params={"params": LoraParams},
-               paths=["base", "pruned", "quantized", "filtered", "data", "out", "metrics", "plots"],
-               optional=("quantized", "filtered"), summary=summary, doc=doc,
+               paths=["base", "data", "out", "metrics", "plots"], summary=summary, doc=doc,
                help={"base": "the full base model folder (data/base): the recovered adapter's target",
-                     "pruned": "the prune stage's folder (data/pruned) with plan.json",
-                     "quantized": "the quantize stage's folder (data/quantized), for model: quantized",
-                     "filtered": "the filter stage's folder (data/filtered), for data: filtered",
                      "out": "output folder: adapter/ (recovered) and pruned_adapter/"})

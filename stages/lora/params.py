@@ -41,16 +41,18 @@ class Recovery(Schema):
 
 class LoraParams(Schema):
     seed: int = Field(0, description="seed of adapter init and data order")
-    model: Literal["pruned", "quantized", "base"] = Field(
-        "pruned", description="what the adapters train on: pruned (LoRAM), quantized (QLoRAM: the quantize "
-        "stage's packed pruned model, through the low-bit kernels), or base (plain LoRA, no recovery)")
+    model: str = Field(
+        "data/pruned", description="the folder the adapters train on: the prune stage's data/pruned (LoRAM: its "
+        "plan.json recovers the adapters to the base's shape), the quantize stage's data/quantized (QLoRAM: packed "
+        "weights on the low-bit kernels, with the same plan), or data/base (plain LoRA, no recovery). dvc.yaml "
+        "depends on exactly this folder")
     prune_weights: Literal["selection", "refit"] = Field(
-        "selection", description="model: pruned: selection = the base model's weights cut to plan.json "
+        "selection", description="a pruned model: selection = the base model's weights cut to plan.json "
         "(what recovery assumes); refit = the prune stage's saved weights (OBS-refit o_proj/down_proj)")
-    data: Literal["suite", "filtered"] = Field(
-        "suite", description="training rows: suite = `train_file` from the data folder; filtered = the filter "
-        "stage's kept rows (filtered.jsonl)")
-    train_file: str = Field("lora_train.jsonl", description="suite file (or a path) with data: suite")
+    train_rows: str = Field(
+        "data/tasks/lora_train.jsonl", description="JSONL training rows: the suite's lora_train.jsonl, the filter "
+        "stage's kept rows (data/filtered/filtered.jsonl), or a file of yours under user_data/. Their families are "
+        "the stage's headline: accuracy on those families in lora_test.jsonl. dvc.yaml depends on exactly this file")
     rank: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/rank)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from slimforge.batching import calibration_batches
 from slimforge.evaluate import evaluate_suite
+from slimforge.evaluate.harness import eval_files
 from slimforge.io import folder_hash, write_provenance
 from slimforge.modeling import load_model
 from slimforge.plots import write_bars, write_curve
@@ -123,3 +124,8 @@ def run(params: PruneParams, model: str | Path, data: str | Path, out: str | Pat
             u = uniform_baseline(dense, tokenizer, work, space, criterion, probe, heldout, cut, params, data)
             report["kl"]["uniform"], report["kl_heldout"]["uniform"], report["uniform"] = u["kl"], u["kl_heldout"], u["eval"]
         return stage.finish(report, plots=plot(space, history, params.criterion, Path(plots)))
+
+
+def suite_files(params: PruneParams) -> list[str]:
+    """The data stage's files this stage reads: calibration, held-out KL and evaluation."""
+    return sorted({*params.calibration.files, HELDOUT_FILE, *eval_files()})

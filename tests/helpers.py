@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,12 @@ ARCHS = {
 }
 
 
-def tiny_model(arch: str, tokenizer, seed: int = 0, layers: int = 2, tie: bool = True):
-    """A random model with GQA (4 query heads, 2 KV heads) sized to `tokenizer`."""
+def tiny_model(arch: str, tokenizer, seed: int = 0, layers: int = 2, tie: bool = True, heads: int = 4,
+               kv_heads: int = 2):
+    """A random model sized to `tokenizer`, by default with GQA (4 query heads, 2 KV heads)."""
     config_cls, model_cls, extra = ARCHS[arch]
     config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                         max_position_embeddings=128, tie_word_embeddings=tie,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, **extra)
@@ -43,3 +45,43 @@ def run_cases_under_interpreter(module: str, repo: Path) -> subprocess.Completed
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
     return subprocess.run([sys.executable, "-m", module, "cpu"], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _source_files() -> list[str]:
+    """What git would commit: tracked plus untracked-but-not-ignored files. A checkout without
+    git metadata falls back to every file outside the generated folders."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, text=True)
+    if listed.returncode == 0:
+        return [f for f in listed.stdout.split("\0") if f]
+    def wanted(rel: Path) -> bool:
+        top = rel.parts[0]
+        if len(rel.parts) > 1 and top.startswith(".") and top not in (".dvc", ".ci"):
+            return False  # .git, caches, local scratch folders
+        return (top not in ("data", "mlruns", "mlartifacts") and "__pycache__" not in rel.parts
+                and rel.parts[:2] not in ((".dvc", "tmp"), (".dvc", "cache")) and rel.name != "mlflow.db")
+
+    return [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() and wanted(p.relative_to(REPO))]
+
+
+def copy_source_tree(dst: Path) -> Path:
+    """The working tree's source files (what git would commit) copied into `dst`."""
+    for rel in _source_files():
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    return dst
+
+
+def git_commit_all(repo: Path, message: str) -> None:
+    """A new git repo at `repo` with everything committed (DVC wants a git checkout)."""
+    _git("init", "-q", cwd=repo)
+    _git("add", "-A", cwd=repo)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)

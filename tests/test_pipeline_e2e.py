@@ -2,7 +2,6 @@
 `dvc repro` that runs nothing, and the Prefect flow under prefect_test_harness."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.helpers import copy_source_tree, git_commit_all
 
 TINY_DATA = {"train_per_family": {"add": 150, "sub": 150, "mul": 150}, "val_per_family": 10,
              "test_per_family": 15, "judge_train": 60, "judge_test": 20,
@@ -30,50 +29,24 @@ TINY_LORA = {"train": {"steps": 5, "batch_size": 8, "warmup_steps": 1, "checkpoi
              "align": {"steps": 3, "batch_size": 8}, "eval_batch_size": 64}
 
 
-def _git(*args, cwd):
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+TINY = {"data": TINY_DATA, "base": {"preset": "test"}, "prune": TINY_PRUNE, "quantize": TINY_QUANTIZE,
+        "filter": TINY_FILTER, "lora": TINY_LORA}
 
 
-def _source_files() -> list[str]:
-    """What git would commit: tracked plus untracked-but-not-ignored files. A checkout without
-    git metadata falls back to every file outside the generated folders."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO, capture_output=True, text=True)
-    if listed.returncode == 0:
-        return [f for f in listed.stdout.split("\0") if f]
-    def wanted(rel: Path) -> bool:
-        top = rel.parts[0]
-        if len(rel.parts) > 1 and top.startswith(".") and top not in (".dvc", ".ci"):
-            return False  # .git, caches, local scratch folders
-        return (top not in ("data", "mlruns", "mlartifacts") and "__pycache__" not in rel.parts
-                and rel.parts[:2] not in ((".dvc", "tmp"), (".dvc", "cache")) and rel.name != "mlflow.db")
+def write_params(clone: Path, updates: dict[str, dict]) -> None:
+    """Merge `updates` (top-level keys per params file) into the clone's params files."""
+    for name, changes in updates.items():
+        path = clone / "params" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | changes))
 
-    return [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() and wanted(p.relative_to(REPO))]
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """The working tree's tracked and untracked-but-not-ignored files, committed in a new repo,
     with the tiny profile written into its params files."""
-    dst = tmp_path_factory.mktemp("clone")
-    for rel in _source_files():
-        if (REPO / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    data = yaml.safe_load((dst / "params/data.yaml").read_text()) | TINY_DATA
-    (dst / "params/data.yaml").write_text(yaml.safe_dump(data))
-    base = yaml.safe_load((dst / "params/base.yaml").read_text()) | {"preset": "test"}
-    (dst / "params/base.yaml").write_text(yaml.safe_dump(base))
-    prune = yaml.safe_load((dst / "params/prune.yaml").read_text()) | TINY_PRUNE
-    (dst / "params/prune.yaml").write_text(yaml.safe_dump(prune))
-    quantize = yaml.safe_load((dst / "params/quantize.yaml").read_text()) | TINY_QUANTIZE
-    (dst / "params/quantize.yaml").write_text(yaml.safe_dump(quantize))
-    filt = yaml.safe_load((dst / "params/filter.yaml").read_text()) | TINY_FILTER
-    (dst / "params/filter.yaml").write_text(yaml.safe_dump(filt))
-    lora = yaml.safe_load((dst / "params/lora.yaml").read_text()) | TINY_LORA
-    (dst / "params/lora.yaml").write_text(yaml.safe_dump(lora))
-    _git("init", "-q", cwd=dst)
-    _git("add", "-A", cwd=dst)
-    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny profile", cwd=dst)
+    dst = copy_source_tree(tmp_path_factory.mktemp("clone"))
+    write_params(dst, TINY)
+    git_commit_all(dst, "tiny profile")
     return dst
 
 
@@ -98,6 +71,11 @@ def test_dvc_repro_then_nothing_to_do(clone):
     assert {"recovered", "full_lora"} <= set(lora["results"]) and (clone / "data/lora/adapter/adapter_config.json").exists()
     second = _repro(clone)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
+    write_params(clone, {"data": {**TINY_DATA, "lora": {**TINY_DATA["lora"], "train": 12}}})  # new LoRA rows only
+    third = _repro(clone)
+    assert third.returncode == 0, third.stdout + third.stderr
+    ran = {s for s in ("data", "base", "prune", "quantize", "filter", "lora") if f"Running stage '{s}'" in third.stdout}
+    assert ran == {"data", "lora"}, third.stdout  # per-file deps: nothing else read lora_train.jsonl
 
 
 def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):

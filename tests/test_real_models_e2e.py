@@ -81,6 +81,10 @@ def test_every_stage_runs_on_a_real_model_folder(clone, tokenizer, tmp_path, nam
     assert 0 <= filtered["kept_fraction"] <= 1 and "meta_ranking" in filtered["detection"]
     stored = "BF16" if dtype == "bfloat16" else "F32"
     assert _dtype_of(clone / "data/base") == {stored} and _dtype_of(clone / "data/pruned") == {stored}
+    from slimforge.modeling import load_model
+
+    quantized, _ = load_model(clone / "data/quantized")  # packed weights; the rest keeps its dtype
+    assert quantized.model.embed_tokens.weight.dtype == getattr(torch, dtype)
     script = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
               f"m = AutoModelForCausalLM.from_pretrained({str(clone / 'data/pruned')!r}, trust_remote_code=True)\n"
               "assert 'slimforge' not in sys.modules\n"

@@ -101,11 +101,12 @@ COMMON_HELP = {"data": "the data stage's suite folder (data/tasks)", "out": "the
 
 def stage_main(run: Callable[..., dict], *, name: str, params: dict[str, type[Schema]], paths: list[str],
                optional: tuple[str, ...] = (), help: dict[str, str] | None = None,
-               summary: Callable[[dict], str] | None = None, doc: str | None = None) -> None:
+               summary: Callable[[dict], str] | None = None, doc: str | None = None,
+               argv: list[str] | None = None) -> None:
     """The command line of `python -m stages.<name>`: one `--<key> FILE` per params schema and one
     `--<path>` per path, passed to `run` as keyword arguments named like the flags (dashes become
     underscores). Every params file is validated before any work; a SlimforgeError prints one line
-    and exits with status 2; `summary(metrics)` is printed at the end."""
+    and exits with status 2; `summary(metrics)` is printed at the end. `argv` defaults to sys.argv."""
     help = {**COMMON_HELP, **(help or {})}
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,7 +117,7 @@ def stage_main(run: Callable[..., dict], *, name: str, params: dict[str, type[Sc
         ap.add_argument(f"--{key.replace('_', '-')}", required=key not in optional, help=help.get(key, key))
 
     def main() -> None:
-        args = vars(ap.parse_args())
+        args = vars(ap.parse_args(argv))
         loaded = {key: load_params(args.pop(key), schema) for key, schema in params.items()}
         metrics = run(**loaded, **args)
         if summary is not None:

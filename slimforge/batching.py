@@ -14,10 +14,10 @@ from transformers import PreTrainedTokenizerBase
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """Token ids of prompts as the model sees them: BOS (when the tokenizer has one, as Llama's do
-    and Qwen2's does not) then the prompt. The one rule for training, scoring and generation."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    """Token ids of prompts as the model sees them: exactly what `tokenizer(prompt)` gives a user
+    (BOS first where the tokenizer adds one, as Llama's do and Qwen2's does not). The one rule for
+    training, scoring and generation, so stock `generate`/`pipeline()` score like the harness."""
+    return list(tokenizer(prompts)["input_ids"])
 
 
 def encode_records(records: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int | None = None,

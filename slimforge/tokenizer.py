@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from slimforge import SlimforgeError
@@ -31,6 +31,11 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, must_be_single: Itera
         vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    # BOS in front of every encoded text, as Llama's tokenizers do: the model is trained with it, so
+    # stock `tokenizer(prompt)` + `generate` (or `pipeline()`) must see it too.
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    padding_side="left", clean_up_tokenization_spaces=False)
     for s in must_be_single:

@@ -104,3 +104,31 @@ def test_decode_speed_and_full_harness(tokenizer, suite_dir, tmp_path):
     assert metrics["ppl"] > 1 and metrics["bytes"] > 0 and metrics["decode_tokens_per_s"] > 0
     assert metrics["params"] == sum(p.numel() for p in model.parameters())
     assert set(metrics["judge"]) == {"verify", "pairwise"}
+
+
+def test_stock_pipeline_in_a_fresh_process_generates_what_the_harness_does(tokenizer, suite_dir, tmp_path):
+    """A user's `pipeline('text-generation')` on a saved folder (no slimforge) sees the same tokens as
+    the harness, BOS included: greedy continuations match token for token."""
+    import json
+    import subprocess
+    import sys
+
+    from slimforge.evaluate.generation import greedy_generate
+    from slimforge.tasks.records import load_records
+
+    model = tiny_model("llama", tokenizer, seed=3)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    prompts = [r["prompt"] for r in load_records(suite_dir / "test.jsonl")[:6]]
+    ours = greedy_generate(model, tokenizer, prompts, max_new_tokens=6)
+    script = ("import json, sys\nfrom transformers import pipeline\n"
+              f"p = pipeline('text-generation', model={str(tmp_path / 'm')!r})\n"
+              f"prompts = {prompts!r}\n"
+              "outs = [p(q, max_new_tokens=6, do_sample=False, return_full_text=False)[0]['generated_text'] for q in prompts]\n"
+              "assert 'slimforge' not in sys.modules\nprint(json.dumps(outs))\n")
+    stock = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=300)
+    assert stock.returncode == 0, stock.stderr[-2000:]
+    theirs = json.loads(stock.stdout.strip().splitlines()[-1])
+    assert theirs == ours and any(ours)
+    assert tokenizer(prompts[0])["input_ids"][0] == tokenizer.bos_token_id  # what makes them agree

@@ -5,12 +5,16 @@ Folder layout (written by the quantize stage):
 
     config.json, generation_config.json, tokenizer files   as in the input model's folder
     modeling_pruned.py                                     when the input was a pruned model
-    model.safetensors     every tensor of the model's state dict; each quantized linear <name> has
+    lowbit.safetensors    every tensor of the model's state dict; each quantized linear <name> has
                           <name>.packed (int32, kernels/lowbit_format.py documents the bit layout),
                           <name>.scale, <name>.zero (fp16, one per row and group), optional
                           <name>.down (r x K) and <name>.up (N x r) low-rank factors, <name>.bias
-    quantization.json     {"format": "slimforge-lowbit-1", "modules": {<name>: {bits, group, rank,
-                          in_features, out_features}}, "sha256": {"model.safetensors": ...}}
+    quantization.json     {"format": "slimforge-lowbit-2", "modules": {<name>: {bits, group, rank,
+                          in_features, out_features}}, "sha256": {"lowbit.safetensors": ...}}
+
+The packed weights are deliberately not in `model.safetensors`: stock `from_pretrained` would
+initialise every linear at random from such a folder (it cannot read the packing) and generate
+garbage after a warning; with no file it recognises, it fails loudly instead.
 
     from slimforge.quantized import load_quantized
     model, tokenizer = load_quantized("data/quantized", device="cuda")
@@ -32,9 +36,9 @@ from slimforge import SlimforgeError
 from slimforge.adapters import PROJECTIONS
 from slimforge.io import file_hash
 
-FORMAT = "slimforge-lowbit-1"
+FORMAT = "slimforge-lowbit-2"  # 2: weights in lowbit.safetensors
 META_FILE = "quantization.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "lowbit.safetensors"  # not model.safetensors: see the module docstring
 FACTOR_BITS = 16  # low-rank factors are stored in fp16
 
 

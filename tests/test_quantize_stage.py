@@ -45,10 +45,18 @@ def test_folder_reloads_to_the_same_logits(tmp_path, tokenizer):
     assert report["bits_per_weight"] > report["quantized_bits_per_weight"] > 2
 
 
+def test_stock_transformers_refuses_the_packed_folder_instead_of_loading_garbage(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    save_quantized(_quantized(tiny_model("llama", tokenizer)), tokenizer, tmp_path, tmp_path / "q")
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # loudly, not random weights
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
 def test_tampered_folder_is_refused(tmp_path, tokenizer):
     model = _quantized(tiny_model("llama", tokenizer))
     save_quantized(model, tokenizer, tmp_path, tmp_path / "q")
-    weights = tmp_path / "q" / "model.safetensors"
+    weights = tmp_path / "q" / "lowbit.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(SlimforgeError, match="checksum"):
         load_quantized(tmp_path / "q")

@@ -15,7 +15,6 @@ from slimforge.pruning.surgery import layer_indices
 from stages.lora import run
 from stages.lora.params import LoraParams
 from stages.lora.recover import recover_state
-from tests.conftest import REPO
 from tests.helpers import save_tiny, tiny_model
 
 SMALL = {"rank": 4, "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 3},

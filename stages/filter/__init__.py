@@ -139,9 +139,9 @@ def finetune_judge(judge, tokenizer, rows: list[dict], params: FilterParams, ckp
 def meta_ranking(judge, tokenizer, targets: list[dict], pool: list[dict], params: FilterParams, stage) -> dict:
     """Meta Ranking over `params.rounds` rounds (the judge fine-tuned on the kept rows in between)."""
     judge.eval()
-    history = []
+    history, meta = [], None
     for r in range(params.rounds):
-        if r > 0:
+        if meta is not None:  # after the first round: fine-tune on what the last one kept
             finetune_judge(judge, tokenizer, [t for t, k in zip(targets, meta["kept"]) if k], params,
                            stage.checkpoints / "ft", stage.fingerprint)
             judge.eval()

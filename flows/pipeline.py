@@ -23,7 +23,7 @@ import yaml
 # races the server's own sqlite writes ("database is locked" tracebacks in every run).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from prefect import flow, task  # noqa: E402  (after the setting above)
+from prefect import flow, get_run_logger, task  # noqa: E402  (after the setting above)
 from prefect.artifacts import create_table_artifact  # noqa: E402
 
 from slimforge.tracking import PARENT_ENV, flatten, pipeline_run
@@ -40,12 +40,36 @@ def stage_metrics(root: Path, stage: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-@task(retries=2, retry_delay_seconds=10, task_run_name="dvc repro {stage}")
+class BadInput(RuntimeError):
+    """A stage refused its params or data (slimforge's one-line `error:`): a retry cannot help."""
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry crashes, kills and OOMs, never a stage's refusal of its input
+    (DVC exits 255 whatever the stage's status, so the stage's own error line decides)."""
+    return not isinstance(getattr(state, "data", None), BadInput)
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient, task_run_name="dvc repro {stage}")
 def repro(stage: str, parent_run_id: str, root: Path) -> dict:
-    """Bring one stage up to date. A failure (crash, OOM, killed worker) is retried; training
-    stages resume from their last checkpoint, so a retry does not start over."""
+    """Bring one stage up to date, its output streamed into Prefect's log. A crash, OOM or killed
+    worker is retried (training stages resume from their last checkpoint, so a retry does not start
+    over); bad params or data fail at once."""
+    logger = get_run_logger()
     env = {**os.environ, PARENT_ENV: parent_run_id}
-    subprocess.run([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    errors = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            logger.info(line)
+        if line.startswith("error: "):
+            errors.append(line.removeprefix("error: "))
+    if proc.wait() != 0:
+        if errors:
+            raise BadInput(f"stage {stage}: {errors[-1]}")
+        raise RuntimeError(f"dvc repro {stage} failed with exit status {proc.returncode} (its output is in the log)")
     return stage_metrics(root, stage)
 
 
@@ -88,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="nightly", help="deployment name for --serve")
     args = ap.parse_args(argv)
     if args.serve:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():  # without a server Prefect warns, then polls forever
+            sys.exit("error: a schedule needs a Prefect server: run `prefect server start` in another shell, then "
+                     "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and start this again")
         pipeline.serve(name=args.name, cron=args.cron, parameters={"stages": args.stages or None})
     else:
         pipeline(args.stages or None)

@@ -117,32 +117,26 @@ def test_user_jsonl_schema(tmp_path):
     good = tmp_path / "good.jsonl"
     write_jsonl(good, [{"prompt": "2+2=", "response": "4", "answer": "4"}])
     assert load_records(good, need_answer=True)[0]["family"] == "user"
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": 3, "response": "x"}\n')
-    with pytest.raises(SlimforgeError, match=r"bad.jsonl:2: field 'prompt' must be str"):
-        load_records(bad)
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": \n')
-    with pytest.raises(SlimforgeError, match=r"broken.jsonl:2: not valid JSON"):
-        load_records(broken)
     with pytest.raises(SlimforgeError, match=r"good.jsonl:1: missing field\(s\) answer"):
         write_jsonl(good, [{"prompt": "2+2=", "response": "4"}])
         load_records(good, need_answer=True)
 
 
-def test_bad_bytes_and_nulls_name_the_file_line_and_field(tmp_path):
-    latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(b'{"prompt": "1+1=", "response": "2"}\n{"prompt": "caf\xe9", "response": "x"}\n')
-    with pytest.raises(SlimforgeError, match=r"latin.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
-        load_records(latin)
-    nulls = tmp_path / "nulls.jsonl"
-    nulls.write_text('{"prompt": "1+1=", "response": "2", "family": null}\n')
-    with pytest.raises(SlimforgeError, match=r"nulls.jsonl:1: field 'family' must be str, got null"):
-        load_records(nulls)
-    flag = tmp_path / "flag.jsonl"
-    flag.write_text('{"prompt": "1+1=", "response": "2", "correct": 1}\n')
-    with pytest.raises(SlimforgeError, match=r"flag.jsonl:1: field 'correct' must be bool, got int"):
-        load_records(flag)
+BAD_LINES = [  # (second line of the file, the error it must give)
+    (b'{"prompt": 3, "response": "x"}', r"bad.jsonl:2: field 'prompt' must be str"),
+    (b'{"prompt": ', r"bad.jsonl:2: not valid JSON"),
+    (b'{"prompt": "caf\xe9", "response": "x"}', r"bad.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"),
+    (b'{"prompt": "2+2=", "response": "4", "family": null}', r"bad.jsonl:2: field 'family' must be str, got null"),
+    (b'{"prompt": "2+2=", "response": "4", "correct": 1}', r"bad.jsonl:2: field 'correct' must be bool, got int"),
+]
+
+
+@pytest.mark.parametrize("line,error", BAD_LINES)
+def test_a_bad_line_names_the_file_line_and_field(tmp_path, line, error):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "1+1=", "response": "2"}\n' + line + b"\n")
+    with pytest.raises(SlimforgeError, match=error):
+        load_records(bad)
 
 
 def test_check_data_reports_bad_bytes_in_one_line(tmp_path):

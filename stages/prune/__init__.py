@@ -79,7 +79,6 @@ def plot(space: SearchSpace, history: list[float], criterion: str, plots: Path) 
     n_layers = len(space.sublayers) // 2
     bars = {f"{kind} {which}": space.sparsity_per_layer(keeps, kind)
             for which, keeps in (("searched", space.centre), ("uniform", space.uniform)) for kind in ("attn", "mlp")}
-    bars = {k: bars[k] for k in ("attn searched", "mlp searched", "attn uniform", "mlp uniform")}
     return [*write_bars(plots / "sparsity", [f"layer {i}" for i in range(n_layers)], bars,
                         "share of weights removed", f"prune: per-layer sparsity ({criterion})"),
             *write_curve(plots / "fitness", list(range(1, len(history) + 1)), {"kl": history}, "generation",

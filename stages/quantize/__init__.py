@@ -101,7 +101,7 @@ def choose_formats(weights: dict[str, torch.Tensor], factors: dict[str, tuple], 
                     "allocated_bits_per_weight": sum(costs[i][c] for i, c in enumerate(pick)) / total}
 
 
-def calibration_batches_for(model, tokenizer, params: QuantizeParams, data: Path, device: str) -> list[dict]:
+def calibration_batches_for(tokenizer, params: QuantizeParams, data: Path, device: str) -> list[dict]:
     c = params.calibration
     records = [r for f in c.files for r in load_records(data / f)]
     return [{k: v.to(device) for k, v in b.items()} for b in
@@ -153,7 +153,7 @@ def run(params: QuantizeParams, model: str | Path, base: str | Path, data: str |
         started = time.perf_counter()
         factors = {}
         if params.fisher:
-            fisher = fisher_diagonal(fp_model, calibration_batches_for(fp_model, tokenizer, params, data, stage.device),
+            fisher = fisher_diagonal(fp_model, calibration_batches_for(tokenizer, params, data, stage.device),
                                      lm_loss)
             factors = {n: rank1_fisher(fisher[n]) for n in linears}
         weights = {n: m.weight.detach() for n, m in linears.items()}

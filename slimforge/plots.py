@@ -1,10 +1,30 @@
-"""Plot files DVC declares: a CSV/TSV for `dvc plots show`, and a PNG for people."""
+"""Plot files DVC declares: a CSV/TSV for `dvc plots show`, and a PNG for people.
+
+Every CSV is one x column then one column per series (DVC draws several y columns of one file as
+several series). dvc.yaml declares each chart's x, y and template; tests/test_plots.py renders them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from slimforge.io import atomic_write_text
+
+
+def _write_table(csv: Path, xlabel: str, xs: list, series: dict[str, list[float]]) -> None:
+    names = list(series)
+    rows = [",".join([xlabel, *names])]
+    rows += [",".join([str(x), *(f"{series[n][i]:.6g}" for n in names)]) for i, x in enumerate(xs)]
+    atomic_write_text(csv, "\n".join(rows) + "\n")
+
+
+def _save(fig, png: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, metadata={"Software": None})  # no version/timestamp: stable bytes for DVC
+    plt.close(fig)
+    tmp.replace(png)
 
 
 def write_curve(path_stem: str | Path, xs: list, series: dict[str, list[float]], xlabel: str,
@@ -19,9 +39,7 @@ def write_curve(path_stem: str | Path, xs: list, series: dict[str, list[float]],
     stem = Path(path_stem)
     csv, png = stem.with_suffix(".csv"), stem.with_suffix(".png")
     names = list(series)
-    rows = [",".join([xlabel, *names])]
-    rows += [",".join([str(x), *(f"{series[n][i]:.6g}" for n in names)]) for i, x in enumerate(xs)]
-    atomic_write_text(csv, "\n".join(rows) + "\n")
+    _write_table(csv, xlabel, xs, series)
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for name in names:
@@ -38,16 +56,14 @@ def write_curve(path_stem: str | Path, xs: list, series: dict[str, list[float]],
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, metadata={"Software": None})  # no version/timestamp: stable bytes for DVC
-    plt.close(fig)
-    tmp.replace(png)
+    _save(fig, png)
     return csv, png
 
 
 def write_bars(path_stem: str | Path, categories: list[str], series: dict[str, list[float]], ylabel: str,
                title: str) -> tuple[Path, Path]:
-    """Grouped bar chart: `<stem>.csv` (category plus one column per series) and `<stem>.png`."""
+    """Grouped bar chart: `<stem>.csv` (`name` plus one column per series) and `<stem>.png`, the legend
+    beside the axes so it covers no bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,10 +72,8 @@ def write_bars(path_stem: str | Path, categories: list[str], series: dict[str, l
     stem = Path(path_stem)
     csv, png = stem.with_suffix(".csv"), stem.with_suffix(".png")
     names = list(series)
-    rows = [",".join(["name", *names])]
-    rows += [",".join([c, *(f"{series[n][i]:.6g}" for n in names)]) for i, c in enumerate(categories)]
-    atomic_write_text(csv, "\n".join(rows) + "\n")
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(categories)), 3.5), dpi=100)
+    _write_table(csv, "name", categories, series)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(categories)) + 1.6, 3.5), dpi=100)
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         ax.bar([i + j * width for i in range(len(categories))], series[name], width, label=name)
@@ -67,10 +81,57 @@ def write_bars(path_stem: str | Path, categories: list[str], series: dict[str, l
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(png)
+    _save(fig, png)
+    return csv, png
+
+
+def write_grid(path_stem: str | Path, rows: list[str], columns: dict[str, list[float]], title: str,
+               value_label: str, cell_text: dict[str, list[str]] | None = None) -> tuple[Path, Path]:
+    """A rows x columns table coloured by value (one colour per distinct value, e.g. bits per matrix):
+    `<stem>.csv` (`name` plus one column per entry of `columns`, the same layout as `write_bars`) and
+    `<stem>.png` with each cell labelled (`cell_text`, default the value) and the legend, with how many
+    cells take each value, beside the grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    stem = Path(path_stem)
+    csv, png = stem.with_suffix(".csv"), stem.with_suffix(".png")
+    _write_table(csv, "name", rows, columns)
+    names = list(columns)
+    grid = [[columns[c][r] for c in names] for r in range(len(rows))]
+    levels = sorted({v for row in grid for v in row})
+    # one colour per level, evenly along a light-to-dark map: 2, 3 and 4 bits are told apart at a glance
+    base = plt.get_cmap("YlGnBu")
+    colours = [base(0.25 + 0.6 * i / max(1, len(levels) - 1)) for i in range(len(levels))]
+    index = [[levels.index(v) for v in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.75 * len(names) + 1.8, 1.3 + 0.4 * len(rows)), dpi=100)
+    ax.imshow(index, cmap=ListedColormap(colours), norm=BoundaryNorm([i - 0.5 for i in range(len(levels) + 1)],
+                                                                       len(levels)), aspect="auto")
+    for r in range(len(rows)):
+        for c, name in enumerate(names):
+            text = cell_text[name][r] if cell_text else f"{grid[r][c]:g}"
+            dark = index[r][c] > (len(levels) - 1) / 2 and len(levels) > 1
+            ax.text(c, r, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    ax.set_xticks(range(len(names)), names)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks([i - 0.5 for i in range(1, len(names))], minor=True)
+    ax.set_yticks([i - 0.5 for i in range(1, len(rows))], minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="both", length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    counts = [sum(row.count(i) for row in index) for i in range(len(levels))]
+    ax.legend([Patch(color=colours[i]) for i in range(len(levels))],
+              [f"{v:g} {value_label}: {n} of {sum(counts)}" for v, n in zip(levels, counts)],
+              loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.suptitle(title, fontsize=10)  # above the column labels, which sit on top of the grid
+    fig.tight_layout()
+    _save(fig, png)
     return csv, png

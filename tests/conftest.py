@@ -20,7 +20,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_tracking(tmp_path_factory):
-    """Every test logs into its own sqlite file, never the repo's mlflow.db."""
+    """Every test logs into a sqlite file under pytest's tmp folder, never the repo's mlflow.db;
+    slimforge.tracking puts a sqlite store's artifacts beside it (mlartifacts/), so no test leaves
+    mlruns/ or mlartifacts/ in the repo or the working directory."""
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"

@@ -1,11 +1,14 @@
 """The pipeline as a Prefect flow: one task per DVC stage, each running `dvc repro <stage>`.
 
 DVC decides what is stale (no Prefect caching on top); Prefect adds retries, a run history, a
-table artifact of the stage metrics and schedules. All stage runs nest under one MLflow run.
+one-row-per-stage summary table and schedules. Stages that ran nest under one MLflow run; a flow
+with nothing stale creates no MLflow run at all.
 
     python -m flows.pipeline                    # every stage, on Prefect's ephemeral local server
     python -m flows.pipeline data base          # these stages (DVC also runs what they depend on)
-    python -m flows.pipeline --serve --cron "0 3 * * *"   # nightly; needs `prefect server start`
+    python -m flows.pipeline --serve --cron "0 3 * * *"   # = `slimforge schedule`; needs `prefect server start`
+
+A deployment for a work pool is in prefect.yaml (`prefect deploy --all`; the README says how).
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -26,8 +32,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task  # noqa: E402  (after the setting above)
 from prefect.artifacts import create_table_artifact  # noqa: E402
 
-from slimforge.tracking import PARENT_ENV, flatten, pipeline_run
+from slimforge.tracking import PARENT_ENV, pipeline_run  # noqa: E402
 
+RUNNING = re.compile(r"Running stage '(.+)':")  # what `dvc repro` prints per stage it runs
+CACHED = re.compile(r"Stage '(.+)' is cached - skipping run")
 
 
 def dvc_stages(root: Path) -> list[str]:
@@ -38,6 +46,28 @@ def dvc_stages(root: Path) -> list[str]:
 def stage_metrics(root: Path, stage: str) -> dict:
     path = root / "metrics" / f"{stage}.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def stale(root: Path, stage: str) -> bool:
+    """Whether `dvc repro <stage>` has anything to do now, as far as DVC can tell before running it
+    (`dvc status <stage> --with-deps`; a stage made stale by an upstream rerun shows up after it)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:  # targets resolve against the working directory: give the full address
+        return bool(repo.status(targets=[f"{root / 'dvc.yaml'}:{stage}"], with_deps=True))
+
+
+def headline(metrics: dict, limit: int = 100) -> str:
+    """'accuracy_base=0.9466 ppl=1.029 ...': numeric values, top level first then one level down,
+    cut to `limit` characters."""
+    def numeric(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    items = [(k, v) for k, v in metrics.items() if numeric(v)]
+    items += [(f"{k}.{k2}", v2) for k, v in metrics.items() if isinstance(v, dict)
+              for k2, v2 in v.items() if numeric(v2)]
+    text = " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}" for k, v in items)
+    return text if len(text) <= limit else text[:limit - 2].rsplit(" ", 1)[0] + " …"
 
 
 class BadInput(RuntimeError):
@@ -51,39 +81,49 @@ def transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient, task_run_name="dvc repro {stage}")
-def repro(stage: str, parent_run_id: str, root: Path) -> dict:
-    """Bring one stage up to date, its output streamed into Prefect's log. A crash, OOM or killed
-    worker is retried (training stages resume from their last checkpoint, so a retry does not start
-    over); bad params or data fail at once."""
+def repro(stage: str, parent_run_id: str, root: Path) -> dict[str, dict]:
+    """Bring one stage up to date, its output streamed into Prefect's log; returns {stage: {status,
+    seconds}} for each stage DVC ran or restored (on failure, the exception's `stages`). A crash, OOM or killed worker is retried (training
+    stages resume from their last checkpoint, so a retry does not start over); bad params or data
+    fail at once."""
     logger = get_run_logger()
     env = {**os.environ, PARENT_ENV: parent_run_id}
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    errors = []
+    done, errors, current, start = {}, [], None, time.monotonic()
+
+    def finish(status):  # the stage running now (or the one asked for, if none started)
+        done[current or stage] = {"status": status, "seconds": round(time.monotonic() - start, 1)}
+
     for line in proc.stdout:
         line = line.rstrip()
         if line:
             logger.info(line)
-        if line.startswith("error: "):
+        if m := RUNNING.match(line):
+            if current:
+                finish("ran")
+            current, start = m.group(1), time.monotonic()
+        elif m := CACHED.match(line):
+            done[m.group(1)] = {"status": "restored from run cache", "seconds": 0.0}
+        elif line.startswith("error: "):
             errors.append(line.removeprefix("error: "))
     if proc.wait() != 0:
-        if errors:
-            raise BadInput(f"stage {stage}: {errors[-1]}")
-        raise RuntimeError(f"dvc repro {stage} failed with exit status {proc.returncode} (its output is in the log)")
-    return stage_metrics(root, stage)
-
-
-def metrics_table(results: dict[str, dict]) -> list[dict]:
-    """One row per (stage, metric) with a numeric value."""
-    return [{"stage": stage, "metric": key, "value": round(float(value), 6)}
-            for stage, metrics in results.items()
-            for key, value in flatten(metrics).items() if isinstance(value, (int, float))]
+        finish("failed")
+        err = (BadInput(f"stage {stage}: {errors[-1]}") if errors else
+               RuntimeError(f"dvc repro {stage} failed with exit status {proc.returncode} (its output is in the log)"))
+        err.stages = done  # for the summary: what ran before the failure, and what failed
+        raise err
+    if current:
+        finish("ran")
+    return done
 
 
 @flow(name="slimforge-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, root: str | None = None) -> dict[str, dict]:
-    """Run `stages` (default: all of dvc.yaml) in the repo at `root` (default: the working
-    directory), in order; returns each stage's metrics."""
+    """Bring `stages` (default: all of dvc.yaml) up to date in the repo at `root` (default: the
+    working directory), in order; returns each stage's metrics (its status and seconds are in
+    the summary table)."""
+    logger = get_run_logger()
     root = Path(root or Path.cwd()).resolve()
     known = dvc_stages(root)
     stages = stages or known
@@ -92,22 +132,47 @@ def pipeline(stages: list[str] | None = None, root: str | None = None) -> dict[s
         raise ValueError(f"unknown stage(s) {unknown} (dvc.yaml has: {', '.join(known)})")
     # One tracking store for the flow and the stage subprocesses, wherever the flow was started.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    results = {}
-    with pipeline_run() as parent:
-        for stage in stages:
-            results[stage] = repro(stage, parent.run_id, root)
-        rows = metrics_table(results)
-        create_table_artifact(key="slimforge-stage-metrics", table=rows,
-                              description="Metrics of each stage after `dvc repro`")
-        parent.log_metrics({f"{r['stage']}.{r['metric']}": r["value"] for r in rows})
-    return results
+    stages = [s for s in known if s in stages]  # dvc.yaml order: upstream first
+    status = {s: {"status": "not run", "seconds": None} for s in stages}
+    with ExitStack() as stack:
+        parent = None
+        try:
+            for stage in stages:
+                if status[stage]["status"] != "not run":
+                    continue  # DVC already brought it up to date as an earlier stage's dependency
+                if not stale(root, stage):
+                    status[stage] = {"status": "up to date", "seconds": 0.0}
+                    continue
+                parent = parent or stack.enter_context(pipeline_run())  # opened by the first stale stage
+                try:
+                    status.update({stage: {"status": "up to date", "seconds": 0.0}} | repro(stage, parent.run_id, root))
+                except Exception as err:
+                    status.update(getattr(err, "stages", {stage: {"status": "failed", "seconds": None}}))
+                    raise
+        finally:
+            results = {s: {**status[s], "metrics": stage_metrics(root, s)} for s in known if s in status}
+            summarize(results)
+            ran = [s for s, r in results.items() if r["status"] == "ran"]
+            if parent:
+                parent.set_tags({"slimforge.stages_ran": ",".join(ran)})
+                parent.log_metrics({s: results[s]["metrics"] for s in ran})
+    if not parent:
+        logger.info("everything up to date: no stage ran, no MLflow run was created")
+    return {s: r["metrics"] for s, r in results.items()}
+
+
+def summarize(results: dict[str, dict]) -> None:
+    """The flow's table artifact: one row per stage with its status, seconds and headline metrics."""
+    rows = [{"stage": s, "status": r["status"], "seconds": r["seconds"], "metrics": headline(r["metrics"])}
+            for s, r in results.items()]
+    create_table_artifact(key="slimforge-stage-metrics", table=rows, description="Each stage after `dvc repro`")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stages", nargs="*", help="stages to bring up to date (default: all)")
-    ap.add_argument("--serve", action="store_true", help="serve a scheduled deployment instead")
+    ap.add_argument("--serve", action="store_true", help="serve a scheduled deployment instead (Prefect's flow.serve)")
     ap.add_argument("--cron", default="0 3 * * *", help="schedule for --serve (default nightly 03:00)")
     ap.add_argument("--name", default="nightly", help="deployment name for --serve")
     args = ap.parse_args(argv)

@@ -1,9 +1,13 @@
 """The `slimforge` command.
 
-    slimforge run [STAGE ...]              # the Prefect pipeline (dvc repro per stage)
-    slimforge serve --cron "0 3 * * *"     # the same on a schedule (needs `prefect server start`)
+    slimforge run [STAGE ...]                   # the Prefect pipeline (dvc repro per stage)
+    slimforge schedule [STAGE ...] --cron "0 3 * * *"   # the same on a schedule (needs a Prefect server)
     slimforge eval MODEL_DIR [--data data/tasks] [--out metrics.json]
-    slimforge check-data FILE.jsonl [--eval]   # validate your JSONL against the suite schema
+    slimforge check-data FILE.jsonl [--eval]    # validate your JSONL against the suite schema
+    slimforge serve                             # model serving: arrives with the package stage
+    slimforge --version
+
+`slimforge COMMAND --help` lists a command's options (e.g. `slimforge eval --help`).
 """
 
 from __future__ import annotations
@@ -12,8 +16,36 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from slimforge.cli_util import exit_on_error
+
+
+def version() -> str:
+    """The installed package version, plus the commit of the checkout it runs from, if any."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        text = f"slimforge {package_version('slimforge')}"
+    except PackageNotFoundError:
+        text = "slimforge (not installed)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{text} (commit {commit})" if commit else text
+
+
+def stage_names(root: Path = Path(".")) -> str:
+    """The stages of dvc.yaml in `root`, for --help; a hint where there is none."""
+    try:
+        import yaml
+
+        return ", ".join(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    except (OSError, KeyError, TypeError, ValueError, ImportError):
+        return "(run from the repo root to list them: they are the stages of dvc.yaml)"
 
 
 def _flow(args: list[str]) -> None:
@@ -48,32 +80,46 @@ def _check_data(args: argparse.Namespace) -> None:
     print(f"{args.file}: {len(records)} records OK (families: {', '.join(families)})")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="slimforge", description=__doc__,
+def parser() -> argparse.ArgumentParser:
+    stages = stage_names()
+    ap = argparse.ArgumentParser(prog="slimforge", description=__doc__, epilog=f"pipeline stages: {stages}",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline through Prefect")
-    run.add_argument("stages", nargs="*")
-    serve = sub.add_parser("serve", help="serve the pipeline on a cron schedule")
-    serve.add_argument("stages", nargs="*")
-    serve.add_argument("--cron", default="0 3 * * *")
-    serve.add_argument("--name", default="nightly")
+    ap.add_argument("--version", action="version", version=version())
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="bring the pipeline up to date through Prefect (dvc repro per stage)")
+    run.add_argument("stages", nargs="*", metavar="STAGE", help=f"stages to run (default: all): {stages}")
+    schedule = sub.add_parser("schedule", help="run the pipeline on a cron schedule (needs `prefect server start`)")
+    schedule.add_argument("stages", nargs="*", metavar="STAGE", help=f"stages to run (default: all): {stages}")
+    schedule.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 0 3 * * *, nightly at 03:00)")
+    schedule.add_argument("--name", default="nightly", help="deployment name in Prefect (default: nightly)")
     ev = sub.add_parser("eval", help="evaluate a model folder with the shared harness")
-    ev.add_argument("model")
+    ev.add_argument("model", help="a Hugging Face model folder, e.g. data/base")
     ev.add_argument("--data", default="data/tasks", help="suite folder (default: data/tasks)")
     ev.add_argument("--out", help="write the metrics JSON here")
     ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto: the dtype the weights were saved in")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    ev.add_argument("--trust-remote-code", action="store_true", help="allow the folder's own modeling code")
     check = sub.add_parser("check-data", help="validate a JSONL file against the suite schema")
-    check.add_argument("file")
+    check.add_argument("file", help="the JSONL file")
     check.add_argument("--eval", action="store_true", help="require `answer` (evaluation files)")
-    args = ap.parse_args(argv)
+    sub.add_parser("serve", help="serve a model for inference (not implemented yet: arrives with the package stage)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
+    args, unknown = ap.parse_known_args(argv)  # `serve` refuses whatever options it is given
+    if unknown and args.command != "serve":
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "run":
         _flow(args.stages)
-    elif args.command == "serve":
+    elif args.command == "schedule":
         _flow(["--serve", "--cron", args.cron, "--name", args.name, *args.stages])
+    elif args.command == "serve":
+        print("error: model serving is not implemented yet (it arrives with the package stage); "
+              "the pipeline scheduler is `slimforge schedule`", file=sys.stderr)
+        sys.exit(2)
     elif args.command == "eval":
         exit_on_error(lambda: _eval(args))
     else:

@@ -1,5 +1,9 @@
-"""Command-line entries: bad input gives one line and status 2 before any work; a killed base
-stage resumes from its checkpoint and ends with the metrics of an uninterrupted run."""
+"""Command-line entries: bad input gives one line and status 2 before any work; `serve` is not the
+scheduler (`schedule` is); --version and --help say what a user needs; a killed base stage resumes
+from its checkpoint and ends with the metrics of an uninterrupted run.
+
+    python -m pytest -q tests/test_cli.py
+"""
 
 import json
 import os
@@ -42,6 +46,54 @@ def test_check_data_reports_file_and_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "slimforge.cli", "check-data", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"{bad}:2: missing field(s) response" in proc.stderr
+
+
+def test_serve_is_not_the_scheduler():
+    proc = subprocess.run([sys.executable, "-m", "slimforge.cli", "serve", "--port", "8000"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "not implemented" in line and "`slimforge schedule`" in line
+
+
+def test_schedule_without_a_prefect_server_is_refused(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}  # no profile, no server
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "slimforge.cli", "schedule", "--cron", "0 3 * * *", "data"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "error: a schedule needs a Prefect server" in proc.stderr
+
+
+def test_version_is_the_package_version(capsys):
+    import tomllib
+
+    from slimforge.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert done.value.code == 0 and capsys.readouterr().out.startswith(f"slimforge {expected}")
+
+
+def test_help_names_the_stages_and_explains_every_option(capsys, monkeypatch, tmp_path):
+    import argparse
+
+    from slimforge.cli import main, parser
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(s in out for s in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    assert all(c in out for c in ("run", "schedule", "eval", "check-data", "serve", "--version"))
+    (sub,) = [a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, f"slimforge {name}: {action.option_strings or action.dest} has no help"
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here: a hint instead of the names
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "run from the repo root" in capsys.readouterr().out
 
 
 @pytest.mark.slow

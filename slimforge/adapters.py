@@ -9,6 +9,9 @@ and no dense copy of the frozen matrix is kept (QLoRA / QLoRAM). Such a layer ca
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -22,6 +25,34 @@ from slimforge.config import Schedule
 from slimforge.training import train_causal_lm
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Wrapping or loading adapters without PEFT's known, harmless warnings on our models:
+    - "Unsupported layer type" on QuantLinear: the custom-module hook (_for_packed_layers) wraps it.
+    - FutureWarning "`is_gradient_checkpointing` is deprecated" (transformers 5): PeftModel.__init__
+      of peft 0.21 reads the old property name; it returns the same value, and we never call it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+class _DropPrunedConfigCheck(logging.Filter):
+    """PEFT's save_pretrained checks whether the embeddings were resized by building the adapted
+    model's config class from the base folder: PrunedLlamaConfig.from_pretrained(<llama folder>),
+    and transformers warns "You are using a model of type `llama` to instantiate a model of type
+    `slimforge_pruned_llama`" on every save of a pruned model's adapter. It only reads vocab_size,
+    which pruning never changes, so that one message is dropped; other type mismatches still warn."""
+
+    PATTERN = re.compile(r"to instantiate a model of type `slimforge_pruned_")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.PATTERN.search(record.getMessage())
+
+
+logging.getLogger("transformers.configuration_utils").addFilter(_DropPrunedConfigCheck())
 
 
 def check_projections(targets: list[str]) -> list[str]:
@@ -70,8 +101,7 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]
     """`model` wrapped with fresh LoRA adapters; only the adapters require grad."""
     config = lora_config(model, rank, alpha, targets, dropout, init)
     torch.manual_seed(seed)  # PEFT draws A from the global generator
-    with warnings.catch_warnings():  # PEFT warns on QuantLinear ("unsupported layer"); the hook handles it
-        warnings.filterwarnings("ignore", message="Unsupported layer type")
+    with quiet_peft():
         return get_peft_model(model, config)
 
 
@@ -81,8 +111,7 @@ def load_adapter(model: torch.nn.Module, folder: str | Path) -> PeftModel:
     if not (folder / "adapter_config.json").is_file():
         raise SlimforgeError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
     config = _for_packed_layers(LoraConfig.from_pretrained(folder), model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unsupported layer type")
+    with quiet_peft():
         return PeftModel.from_pretrained(model, folder, config=config, is_trainable=False)
 
 

@@ -136,8 +136,10 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu"):
     if file_hash(weights) != meta["sha256"][WEIGHTS_FILE]:
         raise SlimforgeError(f"{weights}: checksum does not match {META_FILE} (corrupt or replaced file)")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    # the dtype the unquantized parts (embeddings, norms, scales) were saved in: a bf16 model stays bf16
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    # the dtype the unquantized parts (embeddings, norms, scales) were saved in: a bf16 model stays bf16.
+    # (transformers 5 reads a config.json's old `torch_dtype` key into `dtype`; its `torch_dtype`
+    # attribute is a deprecated alias that logs "`torch_dtype` is deprecated!" on every read.)
+    saved = getattr(config, "dtype", None) or torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, saved) if isinstance(saved, str) else saved)
     for name, spec in meta["modules"].items():
         try:

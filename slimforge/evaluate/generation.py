@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimforge.batching import left_pad, prompt_ids
+from slimforge.cli_util import progress
 from slimforge.tasks.families import is_correct
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -18,6 +23,7 @@ def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     encoded = prompt_ids(tokenizer, prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
+    bar = progress(desc="generate", total=len(prompts), unit="prompt", log=log)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
@@ -28,6 +34,8 @@ def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+        bar.update(len(idx))
+    bar.close()
     return outputs
 
 

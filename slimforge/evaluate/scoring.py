@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,6 +10,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kernels.logsoftmax_stats import token_logprobs
 from slimforge.batching import collate, encode_records, left_pad, prompt_ids
+from slimforge.cli_util import progress
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -19,7 +23,7 @@ def response_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     device = next(model.parameters()).device
     examples = encode_records(records, tokenizer, eos=eos)
     sums, counts = [], []
-    for start in range(0, len(examples), batch_size):
+    for start in progress(range(0, len(examples), batch_size), desc="log-likelihood", unit="batch", log=log):
         batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
@@ -56,7 +60,7 @@ def next_token_probs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     encoded = prompt_ids(tokenizer, prompts)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = torch.empty(len(prompts), len(candidates))
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), desc="next-token probs", unit="batch", log=log):
         idx = order[start:start + batch_size]
         ids, mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits[:, -1]

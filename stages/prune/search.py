@@ -18,6 +18,7 @@ The search state is checkpointed after every generation and resumed from there.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from pathlib import Path
@@ -25,11 +26,14 @@ from typing import Callable
 
 import torch
 
+from slimforge.cli_util import progress
 from slimforge.io import atomic_dir, atomic_write_text
 from stages.prune.calibration import KLProbe
 from stages.prune.genome import apply_genome
 from stages.prune.space import SearchSpace
 from stages.prune.supernet import Criterion, build_supernet, load_supernet, save_supernet
+
+log = logging.getLogger(__name__)
 
 # The Search params that `evolve` takes as they are.
 EVOLVE_SETTINGS = ("generations", "population", "offspring", "stages", "survive", "max_moves")
@@ -93,12 +97,22 @@ def evolve(start: list[int], kinds: list[str], n_levels: list[int],
            fitness: Callable[[list[int], float], float], generations: int, population: int,
            offspring: int, stages: list[float], survive: float, max_moves: int, seed: int,
            checkpoint: Path | None = None, on_generation: Callable[[int, float], None] | None = None,
-           costs: list[list[int]] | None = None, budget: int | None = None
+           costs: list[list[int]] | None = None, budget: int | None = None, desc: str = "search"
            ) -> tuple[list[int], float, list[float]]:
     """(best genome, its full-budget fitness, best fitness per generation). `costs` switches on
-    cross-type moves (see `mutate`) that keep at least `budget` weights removed."""
+    cross-type moves (see `mutate`) that keep at least `budget` weights removed. Progress: a bar
+    `desc` over generations, with the best fitness and the evaluations so far."""
     rng = random.Random(f"{seed}:evolve")
     state = json.loads(checkpoint.read_text()) if checkpoint is not None and checkpoint.exists() else None
+    bar = progress(desc=desc, total=generations, initial=state["generation"] + 1 if state else 0, unit="generation",
+                   log=log)
+    shown, inner = {"best": "-", "evaluations": 0}, fitness
+
+    def fitness(genome: list[int], fraction: float) -> float:  # `inner`, counted on the bar: a slow
+        shown["evaluations"] += 1                               # generation still shows movement
+        bar.set_postfix(shown)
+        return inner(genome, fraction)
+
     if state is not None:
         pop = [(list(g), f) for g, f in state["population"]]
         history, first = state["history"], state["generation"] + 1
@@ -127,11 +141,15 @@ def evolve(start: list[int], kinds: list[str], n_levels: list[int],
                 scored = scored[:max(1, math.ceil(len(scored) * survive))]
         pop = sorted(pop + scored, key=lambda x: x[1])[:population]
         history.append(pop[0][1])
+        shown["best"] = f"{pop[0][1]:.4g}"
+        bar.set_postfix(shown, refresh=False)
+        bar.update(1)
         if on_generation is not None:
             on_generation(gen, pop[0][1])
         if checkpoint is not None:
             atomic_write_text(checkpoint, json.dumps({"generation": gen, "population": pop,
                                                       "history": history, "rng": rng.getstate()}))
+    bar.close()
     return pop[0][0], pop[0][1], history
 
 
@@ -167,7 +185,8 @@ def coarse_to_fine(dense: torch.nn.Module, work: torch.nn.Module, probe: KLProbe
             [grid[s].index(space.centre[s]) for s in range(len(grid))], space.kinds, [len(x) for x in grid], fitness,
             **{k: search[k] for k in EVOLVE_SETTINGS}, seed=seed + r, checkpoint=checkpoints / f"round{r}.search.json",
             on_generation=None if on_generation is None else lambda gen, kl: on_generation(offset + gen + 1, kl),
-            costs=space.costs(grid) if search["moves"] == "cross_type" else None, budget=space.budget)
+            costs=space.costs(grid) if search["moves"] == "cross_type" else None, budget=space.budget,
+            desc=f"search round {r + 1}/{search['rounds']}")
         history += hist
         space.refine([grid[s][i] for s, i in enumerate(best)])
     return supernet, history

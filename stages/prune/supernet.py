@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimforge.cli_util import progress
 from slimforge.pruning.surgery import head_index
 from stages.prune.calibration import input_stats
 from stages.prune.criteria import magnitude_scores, obs_select, refit, top_units, wanda_scores
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,12 +107,13 @@ class Criterion:
 
 
 def build_supernet(model: torch.nn.Module, batches: list[dict], sublayers: list[tuple[int, str]],
-                   layouts: dict[str, Layout], keeps: list[list[int]], criterion: Criterion,
-                   progress=None) -> list[dict[int, Candidate]]:
+                   layouts: dict[str, Layout], keeps: list[list[int]], criterion: Criterion
+                   ) -> list[dict[int, Candidate]]:
     """Candidates {units kept per block: Candidate} for every sublayer, in `sublayers` order."""
     work = copy.deepcopy(model)
     supernet = []
-    for s, (layer, kind) in enumerate(sublayers):
+    for s, (layer, kind) in enumerate(progress(sublayers, desc=f"supernet ({criterion.name})", unit="sublayer",
+                                               log=log)):
         layout = layouts[kind]
         proj = output_proj(work, layer, kind)
         dense_w = output_proj(model, layer, kind).weight.detach()
@@ -134,8 +139,6 @@ def build_supernet(model: torch.nn.Module, batches: list[dict], sublayers: list[
         with torch.no_grad():  # expected weights feed every later sublayer's statistics
             proj.weight.copy_(torch.stack([c.weight for c in cands.values()]).mean(0))
         supernet.append(cands)
-        if progress is not None:
-            progress(s)
     return supernet
 
 

@@ -12,10 +12,15 @@ low-rank fit in decompose.py needs separable weights r_i * c_j, hence rank1_fish
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 from torch import nn
+
+from slimforge.cli_util import progress
+
+log = logging.getLogger(__name__)
 
 
 def fisher_diagonal(model: nn.Module, batches: list[dict], loss_fn: Callable[[nn.Module, dict], torch.Tensor]
@@ -36,7 +41,7 @@ def fisher_diagonal(model: nn.Module, batches: list[dict], loss_fn: Callable[[nn
     try:
         for w in weights:
             w.requires_grad_(True)
-        for batch in batches:
+        for batch in progress(batches, desc="fisher", unit="batch", log=log):
             grads = torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
             for name, g in zip(linears, grads):
                 if g is not None:  # a layer the loss never reached keeps F = 0

@@ -28,7 +28,7 @@ from slimforge.evaluate.judging import direct_probs, mean_logprob
 from slimforge.pretrain import pretrain
 from slimforge.tasks.records import load_records
 from stages.base.params import BaseParams
-from stages.filter import baseline, filter_rows, load_pool, read_wrong, score_methods
+from stages.filter.stage import baseline, filter_rows, load_pool, read_wrong, score_methods
 from stages.filter.params import FilterParams
 
 

@@ -1,20 +1,28 @@
-"""Score a model folder on a suite file with stock transformers only, as a user would: tokenizer(prompt)
-+ greedy generate, first line of the output against the answer. No slimforge import, so it runs in
-a plain environment (transformers + torch) and shows whether a folder works outside the pipeline.
+"""Score a model folder on a suite file with stock transformers (and PEFT for an adapter) only, as a
+user would: tokenizer(prompt) + greedy generate, first line of the output against the answer. No
+slimforge import, so it runs in a plain environment (torch + transformers + peft) and shows whether
+a folder works outside the pipeline.
 
     python experiments/stock_score.py data/base data/tasks/test.jsonl
+    python experiments/stock_score.py data/base data/tasks/lora_test.jsonl --adapter data/lora/adapter
+    python experiments/stock_score.py data/pruned data/tasks/test.jsonl --trust-remote-code
 """
 
+import argparse
 import json
-import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def main(folder: str, test_file: str, max_new_tokens: int = 8) -> dict:
+def main(folder: str, test_file: str, adapter: str | None = None, trust_remote_code: bool = False,
+         max_new_tokens: int = 8) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
     hits: dict[str, list[bool]] = {}
     with torch.no_grad():
         for line in open(test_file, encoding="utf-8"):
@@ -29,4 +37,10 @@ def main(folder: str, test_file: str, max_new_tokens: int = 8) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], sys.argv[2])))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", help="a Hugging Face model folder")
+    ap.add_argument("test_file", help="a suite JSONL file with answers")
+    ap.add_argument("--adapter", help="a PEFT adapter folder to load on the model")
+    ap.add_argument("--trust-remote-code", action="store_true", help="for a pruned folder (its own modeling file)")
+    args = ap.parse_args()
+    print(json.dumps(main(args.folder, args.test_file, args.adapter, args.trust_remote_code)))

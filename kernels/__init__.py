@@ -8,3 +8,8 @@ reference runs on CPU (tests also run the kernels on CPU under TRITON_INTERPRET=
   launch configs and tuner.
 - dispatch: where an op runs (Triton on CUDA / under the interpreter, else the reference).
 """
+
+# The low-bit formats every path supports (lowbit_format documents them). Here, torch-free, so a
+# params schema can check a bit width without loading torch.
+BITS = (2, 3, 4)
+GROUPS = (32, 64, 128)

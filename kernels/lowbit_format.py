@@ -44,8 +44,7 @@ from __future__ import annotations
 
 import torch
 
-BITS = (2, 3, 4)
-GROUPS = (32, 64, 128)
+from kernels import BITS, GROUPS  # noqa: F401  (defined torch-free, so params schemas can check them)
 
 
 def check_format(bits: int, group: int, in_features: int | None = None) -> None:

@@ -24,8 +24,6 @@ from slimforge import SlimforgeError
 from slimforge.config import Schedule
 from slimforge.training import train_causal_lm
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 @contextlib.contextmanager
 def quiet_peft():
@@ -53,14 +51,6 @@ class _DropPrunedConfigCheck(logging.Filter):
 
 
 logging.getLogger("transformers.configuration_utils").addFilter(_DropPrunedConfigCheck())
-
-
-def check_projections(targets: list[str]) -> list[str]:
-    """`targets` as given, if a non-empty subset of PROJECTIONS (a params validator)."""
-    bad = [t for t in targets if t not in PROJECTIONS]
-    if bad or not targets:
-        raise ValueError(f"targets must be a non-empty subset of {', '.join(PROJECTIONS)}; unknown: {bad}")
-    return targets
 
 
 def linear_names(model: torch.nn.Module) -> set[str]:
@@ -124,7 +114,8 @@ def state_bytes(model: torch.nn.Module) -> int:
 
 def train_lora(model: torch.nn.Module, examples: list, schedule: Schedule, *, rank: int, alpha: float,
                targets: list[str], seed: int, pad_id: int, checkpoint_dir: str | Path, fingerprint: str,
-               dropout: float = 0.0, on_log=None, progress: bool = True) -> tuple[PeftModel, dict]:
+               dropout: float = 0.0, on_log=None, progress: bool = True, desc: str = "lora"
+               ) -> tuple[PeftModel, dict]:
     """The LoRA recipe every stage uses: wrap `model` (frozen) with fresh adapters and train them on
     `examples` (response cross-entropy). Returns (peft model, report: seconds, steady tokens/s,
     training state bytes, trainable parameters, CUDA peak memory, per-step losses)."""
@@ -134,7 +125,8 @@ def train_lora(model: torch.nn.Module, examples: list, schedule: Schedule, *, ra
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     history = train_causal_lm(peft_model, examples, schedule, pad_id=pad_id, seed=seed, checkpoint_dir=checkpoint_dir,
-                              fingerprint=fingerprint, on_log=on_log, progress=progress)
+                              fingerprint=fingerprint, on_log=on_log, progress=progress,
+                              desc=desc)
     return peft_model, {
         "seconds": history["seconds"], "tokens_per_s": history["steady_tokens_per_s"],
         "state_bytes": state_bytes(peft_model), "resumed_from": history["resumed_from"],

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slimforge.cli_util import exit_on_error
+from slimforge.cli_util import exit_on_error, setup_logging
 
 
 def version() -> str:
@@ -67,6 +67,10 @@ def _eval(args: argparse.Namespace) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code, device)
     metrics = evaluate_suite(model, tokenizer, args.data, model_dir=args.model, test_files=TEST_FILES)
+    if args.speed:
+        from slimforge.evaluate.speed import decode_tokens_per_s
+
+        metrics["decode_tokens_per_s"], metrics["decode_mode"] = decode_tokens_per_s(model)
     if args.out:
         write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -100,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
                     help="auto: the dtype the weights were saved in")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow the folder's own modeling code")
+    ev.add_argument("--speed", action="store_true", help="also measure decode tokens/s (batch 1; CUDA graphs on a GPU)")
     check = sub.add_parser("check-data", help="validate a JSONL file against the suite schema")
     check.add_argument("file", help="the JSONL file")
     check.add_argument("--eval", action="store_true", help="require `answer` (evaluation files)")
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     args, unknown = ap.parse_known_args(argv)  # `serve` refuses whatever options it is given
     if unknown and args.command != "serve":
         ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    exit_on_error(setup_logging)  # stderr, SLIMFORGE_LOG_LEVEL (default INFO); JSON results stay on stdout
     if args.command == "run":
         _flow(args.stages)
     elif args.command == "schedule":

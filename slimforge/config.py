@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -121,3 +121,42 @@ def load_params(path: str | Path, schema: type[S]) -> S:
     except yaml.YAMLError as err:
         raise SlimforgeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     return parse_params(data, schema, str(path))
+
+
+class Preset(Schedule):
+    """Architecture, optimiser and schedule of the embedded model for one machine class."""
+
+    hidden_size: int = Field(gt=0, description="model width")
+    num_layers: int = Field(ge=1, description="decoder layers (>= 6 so a per-layer sparsity search means something)")
+    num_heads: int = Field(ge=1, description="query heads")
+    num_kv_heads: int = Field(ge=1, description="key/value heads (< num_heads: grouped-query attention)")
+    intermediate_size: int = Field(gt=0, description="MLP width")
+    max_positions: int = Field(ge=64, description="context length")
+    vocab_size: int = Field(ge=262, description="BPE vocabulary (256 bytes + 3 specials + merges)")
+    initializer_range: float = Field(gt=0, description="std of the normal weight init")
+    adam_beta2: float = Field(gt=0, lt=1, description="AdamW second-moment decay")
+    amp: Literal["none", "bf16"] = Field("none", description="autocast dtype on GPU")
+    compile: bool = Field(False, description="torch.compile the model (GPU; pays off on long runs)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    log_every: int = Field(ge=1, description="steps between logged losses")
+
+    @model_validator(mode="after")
+    def _gqa_shapes(self) -> "Preset":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}, "
+                             f"and num_heads by num_kv_heads {self.num_kv_heads}")
+        if self.steps < 1:
+            raise ValueError("a preset trains for at least one step")
+        return self
+
+
+# The decoder projections a LoRA or a quantizer can target (Llama-family names).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_projections(targets: list[str]) -> list[str]:
+    """`targets` as given, if a non-empty subset of PROJECTIONS (a params validator)."""
+    bad = [t for t in targets if t not in PROJECTIONS]
+    if bad or not targets:
+        raise ValueError(f"targets must be a non-empty subset of {', '.join(PROJECTIONS)}; unknown: {bad}")
+    return targets

@@ -121,7 +121,7 @@ def _feed(h, file: Path) -> None:
 
 
 def file_hash(path: str | Path) -> str:
-    """sha256 of one file's bytes."""
+    """sha256 of one file's bytes (what `sha256sum` prints: checkable without slimforge)."""
     h = hashlib.sha256()
     _feed(h, Path(path))
     return h.hexdigest()
@@ -131,14 +131,6 @@ def _feed_tree(h, path: Path) -> None:
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(str(file.relative_to(path)).encode())
         _feed(h, file)
-
-
-def folder_hash(path: str | Path) -> str:
-    """sha256 over the names and contents of every file under `path` (sorted): a content address
-    for a model folder, recorded as the parent of the next stage's output."""
-    h = hashlib.sha256()
-    _feed_tree(h, Path(path))
-    return h.hexdigest()
 
 
 def content_hash(*items: Any) -> str:
@@ -162,6 +154,8 @@ def folder_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def write_provenance(folder: str | Path, stage: str, params: dict, parent: str | None) -> None:
-    """`slimforge.json` beside a model: which stage made it, with what params, from which parent."""
-    write_json(Path(folder) / "slimforge.json", {"stage": stage, "params": params, "parent": parent})
+def write_provenance(folder: str | Path, stage: str, params: dict, parent: str | Path | None) -> None:
+    """`slimforge.json` beside a model: which stage made it, with what params, from which parent
+    (the parent folder's content_hash; None for an output made from rows rather than a model)."""
+    write_json(Path(folder) / "slimforge.json", {"stage": stage, "params": params,
+                                                "parent": None if parent is None else content_hash(Path(parent))})

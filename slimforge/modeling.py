@@ -9,6 +9,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
 
+from kernels.quant_linear import QuantLinear
 from slimforge import SlimforgeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,8 +82,15 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied embeddings counted once). A quantized linear counts as the
+    out x in weights it stands for (and its bias): its packed codes are buffers, not parameters,
+    so a plain count would miss most of a quantized model."""
+    unique = {id(p): p for p in model.parameters()}
+    stood_for = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            stood_for += m.out_features * m.in_features + (m.bias.numel() if m.bias is not None else 0)
+    return sum(p.numel() for p in unique.values()) + stood_for
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:

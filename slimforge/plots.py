@@ -1,7 +1,10 @@
 """Plot files DVC declares: a CSV/TSV for `dvc plots show`, and a PNG for people.
 
-Every CSV is one x column then one column per series (DVC draws several y columns of one file as
-several series). dvc.yaml declares each chart's x, y and template; tests/test_plots.py renders them.
+A CSV whose series follow params (LoRA's runs, quantize's target matrices) is long: one row per point,
+a column naming its series (`run`, `matrix`) and one value column, so dvc.yaml declares one x and one y
+whatever the params; a template in .dvc/plots colours or places by that column. The others are one x
+column then one column per series (DVC draws several y columns of one file as several series).
+dvc.yaml declares each chart's x, y and template; tests/test_plots.py renders them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ def _write_table(csv: Path, xlabel: str, xs: list, series: dict[str, list[float]
     atomic_write_text(csv, "\n".join(rows) + "\n")
 
 
+def _cell(value) -> str:
+    return value if isinstance(value, str) else f"{value:.6g}"
+
+
+def _write_long(csv: Path, header: list[str], rows: list[list]) -> None:
+    """One row per point: `header` names the columns, each row holds labels (str) or numbers."""
+    lines = [",".join(header)] + [",".join(_cell(v) for v in row) for row in rows]
+    atomic_write_text(csv, "\n".join(lines) + "\n")
+
+
 def _save(fig, png: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -28,9 +41,11 @@ def _save(fig, png: Path) -> None:
 
 
 def write_curve(path_stem: str | Path, xs: list, series: dict[str, list[float]], xlabel: str,
-                title: str, smooth: int = 1) -> tuple[Path, Path]:
+                title: str, smooth: int = 1, long: tuple[str, str] | None = None) -> tuple[Path, Path]:
     """Write `<stem>.csv` (x plus one column per series) and `<stem>.png`. `smooth` > 1 draws a
-    running mean over that many points beside the raw curve (per-step losses are noisy)."""
+    running mean over that many points beside the raw curve (per-step losses are noisy). `long` =
+    (series column, value column), e.g. ("run", "loss"): the CSV is `x,run,loss` instead, one row per x
+    per series, series after series, so its columns stay the same whichever series a run has."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +54,10 @@ def write_curve(path_stem: str | Path, xs: list, series: dict[str, list[float]],
     stem = Path(path_stem)
     csv, png = stem.with_suffix(".csv"), stem.with_suffix(".png")
     names = list(series)
-    _write_table(csv, xlabel, xs, series)
+    if long:
+        _write_long(csv, [xlabel, *long], [[x, n, series[n][i]] for n in names for i, x in enumerate(xs)])
+    else:
+        _write_table(csv, xlabel, xs, series)
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for name in names:
@@ -88,11 +106,15 @@ def write_bars(path_stem: str | Path, categories: list[str], series: dict[str, l
 
 
 def write_grid(path_stem: str | Path, rows: list[str], columns: dict[str, list[float]], title: str,
-               value_label: str, cell_text: dict[str, list[str]] | None = None) -> tuple[Path, Path]:
+               value_label: str, cell_text: dict[str, list[str]] | None = None,
+               labels: tuple[str, str] = ("layer", "matrix"),
+               extra: dict[str, dict[str, list[float]]] | None = None) -> tuple[Path, Path]:
     """A rows x columns table coloured by value (one colour per distinct value, e.g. bits per matrix):
-    `<stem>.csv` (`name` plus one column per entry of `columns`, the same layout as `write_bars`) and
-    `<stem>.png` with each cell labelled (`cell_text`, default the value) and the legend, with how many
-    cells take each value, beside the grid."""
+    `<stem>.csv`, long: one row per cell, `<row label>,<column label>,<value_label>` then one column per
+    entry of `extra` (name -> the same layout as `columns`, e.g. each matrix's group size), rows in
+    order, each row's columns in order (e.g. `layer,matrix,bits,group`); and `<stem>.png` with each cell
+    labelled (`cell_text`, default the value) and the legend, with how many cells take each value,
+    beside the grid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,8 +124,10 @@ def write_grid(path_stem: str | Path, rows: list[str], columns: dict[str, list[f
 
     stem = Path(path_stem)
     csv, png = stem.with_suffix(".csv"), stem.with_suffix(".png")
-    _write_table(csv, "name", rows, columns)
     names = list(columns)
+    extra = extra or {}
+    _write_long(csv, [*labels, value_label, *extra], [[row, c, columns[c][r], *(e[c][r] for e in extra.values())]
+                                                      for r, row in enumerate(rows) for c in names])
     grid = [[columns[c][r] for c in names] for r in range(len(rows))]
     levels = sorted({v for row in grid for v in row})
     # one colour per level, evenly along a light-to-dark map: 2, 3 and 4 bits are told apart at a glance

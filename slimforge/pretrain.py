@@ -1,7 +1,7 @@
 """Pretraining recipe of the embedded tiny Llama on the suite's train split and judge items: the
 base stage runs it, and so does the judge-zoo experiment (judges of several strengths).
 
-    from slimforge.pretrain import Preset, pretrain
+    from slimforge.pretrain import pretrain
     model, tokenizer, metrics, losses = pretrain(preset, seed=0, data_dir=Path("data/tasks"),
                                                  checkpoint_dir=Path("/tmp/ckpt"))
 """
@@ -9,14 +9,13 @@ base stage runs it, and so does the judge-zoo experiment (judges of several stre
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimforge.batching import encode_records
-from slimforge.config import Schedule
+from slimforge.config import Preset
 from slimforge.modeling import tiny_llama
 from slimforge.stage import pick_device
 from slimforge.perf import peak_flops, train_flops_per_token
@@ -26,33 +25,6 @@ from slimforge.tokenizer import build_tokenizer
 from slimforge.training import train_causal_lm
 
 TRAIN_FILES = ("train.jsonl", "judge_train.jsonl")
-
-
-class Preset(Schedule):
-    """Architecture, optimiser and schedule of the embedded model for one machine class."""
-
-    hidden_size: int = Field(gt=0, description="model width")
-    num_layers: int = Field(ge=1, description="decoder layers (>= 6 so a per-layer sparsity search means something)")
-    num_heads: int = Field(ge=1, description="query heads")
-    num_kv_heads: int = Field(ge=1, description="key/value heads (< num_heads: grouped-query attention)")
-    intermediate_size: int = Field(gt=0, description="MLP width")
-    max_positions: int = Field(ge=64, description="context length")
-    vocab_size: int = Field(ge=262, description="BPE vocabulary (256 bytes + 3 specials + merges)")
-    initializer_range: float = Field(gt=0, description="std of the normal weight init")
-    adam_beta2: float = Field(gt=0, lt=1, description="AdamW second-moment decay")
-    amp: Literal["none", "bf16"] = Field("none", description="autocast dtype on GPU")
-    compile: bool = Field(False, description="torch.compile the model (GPU; pays off on long runs)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
-    log_every: int = Field(ge=1, description="steps between logged losses")
-
-    @model_validator(mode="after")
-    def _gqa_shapes(self) -> "Preset":
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}, "
-                             f"and num_heads by num_kv_heads {self.num_kv_heads}")
-        if self.steps < 1:
-            raise ValueError("a preset trains for at least one step")
-        return self
 
 
 def train_files(data_dir: Path) -> list[Path]:

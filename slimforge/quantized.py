@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from kernels.lowbit_format import GROUPS, storage_bits_per_weight
 from kernels.quant_linear import QuantLinear
 from slimforge import SlimforgeError
-from slimforge.adapters import PROJECTIONS
+from slimforge.config import PROJECTIONS
 from slimforge.io import file_hash
 
 FORMAT = "slimforge-lowbit-2"  # 2: weights in lowbit.safetensors

@@ -11,27 +11,29 @@ never stopped.
 from __future__ import annotations
 
 import contextlib
-import math
+import logging
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from slimforge import SlimforgeError
 from slimforge.batching import collate, epoch_batches
 from slimforge.checkpoint import load_checkpoint, save_checkpoint
+from slimforge.cli_util import progress as progress_bar
 from slimforge.config import Schedule
 from slimforge.losses import LossFn, causal_lm_loss
 
+log = logging.getLogger(__name__)
 
-def lr_at(step: int, steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at the last step."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int, min_lr_ratio: float
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at the last step (transformers'
+    schedule; its state goes into the checkpoint, so a resumed run continues the same curve)."""
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, steps, min_lr_rate=min_lr_ratio)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2: float = 0.98
@@ -50,12 +52,13 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
                     loss_fn: LossFn = causal_lm_loss, amp_dtype: torch.dtype | None = None,
                     on_log: Callable[[int, dict], None] | None = None, log_every: int = 50,
                     compile: bool = False, adam_beta2: float = 0.98, groups: list | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, desc: str = "train") -> dict:
     """Train `model` in place for `schedule.steps` optimizer steps on `examples` (from
     encode_records), minimising `loss_fn(model, batch)` (slimforge.losses: response CE by default,
     distillation, ...). Only parameters with requires_grad train, so a frozen model with adapters
     trains just the adapters. `groups` (one key per example) keeps batches from mixing kinds of
-    examples; see epoch_batches. The batch is at most the number of examples.
+    examples; see epoch_batches. The batch is at most the number of examples. `progress`: a bar
+    named `desc` (slimforge.cli_util.progress: log lines when stderr is not a terminal).
 
     Returns {"losses": per-step loss over the whole run, "tokens": non-padding tokens seen over
     the whole run, "run_tokens" and "seconds": tokens and wall time of the steps this process ran,
@@ -73,19 +76,21 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
         groups = ["all"] * len(examples)
         per_epoch = len(epoch_batches(lengths, batch_size, seed, 0, groups))
     optimizer = make_optimizer(model, schedule.lr, schedule.weight_decay, adam_beta2)
+    scheduler = make_scheduler(optimizer, steps, warmup, schedule.min_lr_ratio)
     losses: list[float] = []
     tokens, start_step = 0, 0
     state = load_checkpoint(checkpoint_dir, fingerprint)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         losses, tokens, start_step = list(state["losses"]), int(state["tokens"]), int(state["step"])
     model.train()
     forward = torch.compile(model) if compile else model  # checkpoints keep the plain module's keys
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     epoch, batches = -1, []
-    bar = tqdm(total=steps, initial=start_step, desc="train", disable=not progress, mininterval=2.0)
+    bar = progress_bar(desc=desc, total=steps, initial=start_step, unit="step", enabled=progress, log=log)
     started, run_tokens, pending, pending_logs = time.perf_counter(), 0, [], []
     halfway, half_mark = start_step + (steps - start_step) // 2, (started, 0)
     for step in range(start_step, steps):
@@ -98,8 +103,6 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
             batches = epoch_batches(lengths, batch_size, seed, epoch, groups)
         batch = collate([examples[i] for i in batches[step % per_epoch]], pad_id,
                         pad_multiple=8 if device.type == "cuda" else 1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, schedule.lr, warmup, schedule.min_lr_ratio)
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
         with autocast:
             loss, logs = loss_fn(forward, inputs)
@@ -107,7 +110,9 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
         loss.backward()
         if schedule.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], schedule.grad_clip)
+        step_lr = optimizer.param_groups[0]["lr"]  # this step's rate, before the schedule moves on
         optimizer.step()
+        scheduler.step()
         # Losses are read back in groups: a per-step .item() would make the CPU wait for the GPU
         # instead of collating the next batch while the GPU works.
         pending.append(loss.detach())
@@ -127,10 +132,11 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
             if on_log is not None:
                 parts = {k: float(torch.stack([lg[k] for lg in pending_logs]).float().mean())
                          for k in pending_logs[-1]}
-                on_log(step + 1, {"loss": sum(recent) / len(recent), "lr": optimizer.param_groups[0]["lr"], **parts})
+                on_log(step + 1, {"loss": sum(recent) / len(recent), "lr": step_lr, **parts})
             pending_logs = []
         if checkpoint_now:
             save_checkpoint(checkpoint_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "scheduler": scheduler.state_dict(),
                                              "step": step + 1, "losses": losses, "tokens": tokens,
                                              "fingerprint": fingerprint})
     if device.type == "cuda":

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from slimforge import SlimforgeError
 from slimforge.config import load_params, parse_params
-from stages.base import run
+from stages.base.stage import run
 from stages.base.params import BaseParams, ModelParams
 from tests.conftest import REPO
 from tests.helpers import ARCHS, save_tiny
@@ -25,8 +25,10 @@ def test_load_path_saves_and_evaluates(arch, tokenizer, suite_dir, tmp_path):
     source = save_tiny(arch, tokenizer, tmp_path / "src")
     out = tmp_path / "base"
     metrics = run(ModelParams(source=str(source)), _base_params(), suite_dir, out,
-                  tmp_path / "m.json", tmp_path / "plots")
-    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+                  tmp_path / "m.json", tmp_path / "plots", report=tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == metrics  # the report: everything measured
+    headline = json.loads((tmp_path / "m.json").read_text())
+    assert set(headline) == {"accuracy_base", "accuracy", "ppl", "params"} and headline["ppl"] == metrics["ppl"]
     assert "train" not in metrics and metrics["params"] > 0
     assert set(metrics["accuracy"]) >= {"add", "sub", "mul"}
     assert json.loads((out / "slimforge.json").read_text())["stage"] == "base"

@@ -18,25 +18,33 @@ import yaml
 from tests.conftest import REPO
 
 
-def _stage(args, cwd, **kw):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, **kw)
+def _stage(args, cwd, env=None):
+    """`python -m <args>` (args may start with interpreter flags such as -X importtime)."""
+    flags = args[:2] if args[0] == "-X" else []
+    return subprocess.Popen([sys.executable, *flags, "-m", *args[len(flags):]], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or {**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def _base_args(tmp, params, data):
     return ["stages.base", "--model-params", str(REPO / "params/model.yaml"), "--params", str(params),
             "--data", str(data), "--out", str(tmp / "data/base"), "--metrics", str(tmp / "metrics.json"),
+            "--report", str(tmp / "report.json"),
             "--plots", str(tmp / "plots")]
 
 
 def test_unknown_param_key_fails_before_any_work(tmp_path, suite_dir):
     params = yaml.safe_load((REPO / "params/base.yaml").read_text()) | {"lerning_rate": 1}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(params))
-    proc = _stage(_base_args(tmp_path, tmp_path / "base.yaml", suite_dir), tmp_path)
+    proc = _stage(["-X", "importtime", *_base_args(tmp_path, tmp_path / "base.yaml", suite_dir)], tmp_path,
+                  env={**os.environ, "PYTHONPATH": str(REPO), "DVC_STAGE": "base"})
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert err.strip().splitlines()[-1].startswith("error: ")
+    said = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert len(said) == 1 and said[0].startswith("error: ")
     assert "unknown key 'lerning_rate'" in err and "eval_batch_size" in err and "Traceback" not in err
+    assert "`dvc checkout base` restores" in err  # under DVC the outputs are already gone: say how to get them back
+    imported = {line.rpartition("|")[2].strip() for line in err.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "transformers" not in imported  # refused before the heavy imports
     assert not (tmp_path / "data").exists()
 
 
@@ -122,8 +130,8 @@ def test_killed_base_stage_resumes_to_the_same_metrics(tmp_path, suite_dir):
     proc = _stage(_base_args(killed_dir, tmp_path / "base.yaml", suite_dir), killed_dir)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
 
-    straight = json.loads((straight_dir / "metrics.json").read_text())
-    resumed = json.loads((killed_dir / "metrics.json").read_text())
+    straight = json.loads((straight_dir / "report.json").read_text())
+    resumed = json.loads((killed_dir / "report.json").read_text())
     assert resumed["train"]["resumed_from"] > 0
     assert resumed["accuracy"] == straight["accuracy"]
     assert resumed["ppl"] == pytest.approx(straight["ppl"], rel=1e-6)

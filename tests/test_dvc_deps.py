@@ -26,7 +26,8 @@ def module_file(name: str, root: Path = REPO) -> Path | None:
 
 def _imported_names(path: Path, root: Path) -> set[str]:
     """Dotted names a file imports (anywhere in it, functions included), absolute, repo-only.
-    `from a.b import c` yields a.b and a.b.c (c may be a submodule)."""
+    `from a.b import c` yields a.b and a.b.c (c may be a submodule); `stage_main("a.b", ...)` a.b
+    (the stage entry imports its module by name, after checking the params)."""
     package = ".".join(path.relative_to(root).with_suffix("").parts)
     if path.name == "__init__.py":
         package = package.removesuffix(".__init__")
@@ -44,6 +45,9 @@ def _imported_names(path: Path, root: Path) -> set[str]:
                 module = node.module or ""
             names.add(module)
             names |= {f"{module}.{a.name}" for a in node.names}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "stage_main" and node.args
+              and isinstance(node.args[0], ast.Constant)):  # stage_main("stages.x.stage"): imported by name
+            names.add(node.args[0].value)
     return {n for n in names if n.split(".")[0] in PACKAGES}
 
 
@@ -86,6 +90,32 @@ def stage_modules(dvc: dict) -> dict[str, str]:
     return out
 
 
+def code_deps(closure: set[Path], root: Path = REPO) -> list[str]:
+    """The shortest dep list that covers `closure` and nothing else: a folder where the closure holds
+    every file in it, the files themselves otherwise (so a benchmark script beside a stage's code, or
+    an unused helper, is not a dep and editing it reruns nothing)."""
+    def files_in(folder: Path) -> set[Path]:
+        return {f for f in folder.rglob("*") if f.is_file() and "__pycache__" not in f.parts
+                and not f.name.startswith(".")}
+
+    out: list[str] = []
+
+    def walk(folder: Path) -> None:
+        for child in sorted(folder.iterdir()):
+            if child.is_file() and child in closure:
+                out.append(str(child.relative_to(root)))
+            elif child.is_dir() and child.name != "__pycache__" and files_in(child) & closure:
+                if files_in(child) <= closure:
+                    out.append(str(child.relative_to(root)))
+                else:
+                    walk(child)
+
+    for package in PACKAGES:
+        if (root / package).is_dir():
+            walk(root / package)
+    return out
+
+
 def missing_deps(deps: list, closure: set[Path], root: Path = REPO) -> list[str]:
     """Closure files that no dep (a file, or a folder above it) covers."""
     covered = [root / (d if isinstance(d, str) else next(iter(d))) for d in deps]
@@ -123,6 +153,25 @@ def test_deps_cover_the_code_the_stage_runs(stage):
     assert not missing, f"dvc.yaml stage '{stage}' runs these files but does not list them in deps: {missing}"
 
 
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_code_deps_are_exactly_the_code_the_stage_runs(stage):
+    declared = [d for d in DVC["stages"][stage]["deps"] if d.split("/")[0] in PACKAGES]
+    expected = code_deps(import_closure(STAGES[stage]))
+    assert declared == expected, (f"dvc.yaml stage '{stage}': code deps should be exactly (in this order):\n"
+                                  + "\n".join(f"      - {d}" for d in expected))
+
+
+def test_code_deps_list_a_folder_only_when_all_of_it_runs(tmp_path):
+    pkg = tmp_path / "stages" / "s"
+    pkg.mkdir(parents=True)
+    for name in ("__init__.py", "run.py", "bench.py"):
+        (pkg / name).write_text("")
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    closure = {tmp_path / "stages" / "__init__.py", pkg / "__init__.py", pkg / "run.py"}
+    assert code_deps(closure, tmp_path) == ["stages/__init__.py", "stages/s/__init__.py", "stages/s/run.py"]
+    assert code_deps(closure | {pkg / "bench.py"}, tmp_path) == ["stages/__init__.py", "stages/s"]
+
+
 def test_a_removed_dep_is_caught_and_named():
     closure = import_closure(STAGES["prune"])
     deps = DVC["stages"]["prune"]["deps"]
@@ -154,7 +203,7 @@ def test_deps_cover_the_data_files_the_shipped_params_make_the_stage_read(stage)
 
     from slimforge.config import load_params
 
-    module = importlib.import_module(f"stages.{stage}")
+    module = importlib.import_module(f"stages.{stage}.stage")
     schema = importlib.import_module(f"stages.{stage}.params")
     name = {"base": "BaseParams", "prune": "PruneParams", "quantize": "QuantizeParams", "filter": "FilterParams",
             "lora": "LoraParams"}[stage]
@@ -174,3 +223,13 @@ def test_templated_deps_follow_the_params(tmp_path):
     (tmp_path / "params" / "lora.yaml").write_text("model: data/quantized\ntrain_rows: data/filtered/filtered.jsonl\n")
     dvc = {"vars": ["params/lora.yaml:model,train_rows"], "stages": {"lora": {"deps": ["${model}", "${train_rows}"]}}}
     assert resolve_vars(dvc, tmp_path)["stages"]["lora"]["deps"] == ["data/quantized", "data/filtered/filtered.jsonl"]
+
+
+def test_base_depends_on_every_key_it_reads_and_only_the_chosen_preset():
+    from stages.base.params import BaseParams
+
+    declared = next(v for p in DVC["stages"]["base"]["params"] if isinstance(p, dict)
+                    for k, v in p.items() if k == "params/base.yaml")
+    shipped = yaml.safe_load((REPO / "params/base.yaml").read_text())
+    assert f"presets.{shipped['preset']}" in declared and "presets" not in declared
+    assert set(declared) - {f"presets.{shipped['preset']}"} == set(BaseParams.model_fields) - {"presets"}

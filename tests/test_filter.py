@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-import stages.filter as filter_stage
+import stages.filter.stage as filter_stage
 from slimforge import SlimforgeError
 from slimforge.tasks.judge import pairwise_prompt, verdict_ids
-from stages.filter import meta_scores, run
+from stages.filter.stage import meta_scores, run
 from stages.filter.params import FilterParams
 from slimforge.evaluate.judging import debiased_win
 from stages.filter.ranking import (calibrate_threshold, detection, draw_references, ranking_auc,
@@ -80,7 +80,7 @@ def test_ranking_auc_matches_counting_every_pair():
 
 
 def test_a_judge_without_skill_on_the_pool_keeps_every_row():
-    from stages.filter import pool_threshold
+    from stages.filter.stage import pool_threshold
     correct = [i % 2 == 0 for i in range(40)]
     inverted = [0.0 if c else 1.0 for c in correct]  # scores wrong rows higher: worse than no skill
     assert pool_threshold(inverted, correct, 0.6) == (None, 0.0)

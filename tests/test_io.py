@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from slimforge.io import atomic_dir, folder_hash, write_json, write_provenance
+from slimforge.io import atomic_dir, content_hash, write_json, write_provenance
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -23,7 +23,8 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
 def test_json_is_stable_and_hash_tracks_content(tmp_path):
     write_json(tmp_path / "a" / "m.json", {"b": 1, "a": 2})
     assert (tmp_path / "a" / "m.json").read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
-    h1 = folder_hash(tmp_path / "a")
-    write_provenance(tmp_path / "a", "base", {"seed": 0}, parent="abc")
-    assert json.loads((tmp_path / "a" / "slimforge.json").read_text())["parent"] == "abc"
-    assert folder_hash(tmp_path / "a") != h1
+    h1 = content_hash(tmp_path / "a")
+    (tmp_path / "parent").mkdir()
+    write_provenance(tmp_path / "a", "base", {"seed": 0}, parent=tmp_path / "parent")
+    assert json.loads((tmp_path / "a" / "slimforge.json").read_text())["parent"] == content_hash(tmp_path / "parent")
+    assert content_hash(tmp_path / "a") != h1

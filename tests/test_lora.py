@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from slimforge import SlimforgeError
-from slimforge.adapters import PROJECTIONS, add_lora, load_adapter
+from slimforge.adapters import add_lora, load_adapter
+from slimforge.config import PROJECTIONS
 from slimforge.pruning import PrunePlan, prune_model, save_pruned
 from slimforge.pruning.surgery import layer_indices
-from stages.lora import run
+from stages.lora.stage import run
 from stages.lora.params import LoraParams
 from stages.lora.recover import recover_state
 from tests.helpers import save_tiny, tiny_model
@@ -203,7 +204,8 @@ def test_stage_end_to_end(tmp_path, suite_dir, tokenizer, prune_weights):
     assert (tmp_path / "lora" / "pruned_adapter" / "adapter_model.safetensors").exists()
     full = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
     assert full["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 64)
-    assert (tmp_path / "plots" / "loss.csv").read_text().splitlines()[0] == "step,loram,full_lora"
+    header, *rows = (tmp_path / "plots" / "loss.csv").read_text().splitlines()  # long: one row per step per run
+    assert header == "step,run,loss" and [r.split(",")[1] for r in rows[::len(rows) // 2]] == ["loram", "full_lora"]
     assert not (tmp_path / ".checkpoints" / "lora").exists()
     from slimforge.modeling import load_model
 
@@ -271,7 +273,7 @@ def test_bad_input(tmp_path, suite_dir, tokenizer):
 
 
 def test_alignment_moves_the_pruned_residual_stream_towards_the_base(tmp_path, suite_dir, tokenizer):
-    from stages.lora import align
+    from stages.lora.stage import align
 
     base = tiny_model("llama", tokenizer)
     pruned = prune_model(base, _plan(base))
@@ -290,7 +292,7 @@ def test_alignment_moves_the_pruned_residual_stream_towards_the_base(tmp_path, s
 
 
 def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, suite_dir, tokenizer, monkeypatch):
-    import stages.lora as stage
+    import stages.lora.stage as stage
 
     base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
     _write_pruned(base_dir, tmp_path / "pruned", tokenizer)

@@ -58,15 +58,17 @@ def test_dvc_repro_then_nothing_to_do(clone):
     first = _repro(clone)
     assert first.returncode == 0, first.stdout + first.stderr
     assert all(f"Running stage '{s}'" in first.stdout for s in ("data", "base", "prune", "quantize", "filter", "lora"))
-    metrics = json.loads((clone / "metrics/base.json").read_text())
-    assert set(metrics["accuracy"]) >= {"add", "sub", "mul"} and metrics["train"]["steps"] == 30
+    metrics, report = (json.loads((clone / f"{d}/base.json").read_text()) for d in ("metrics", "reports"))
+    assert set(metrics["accuracy"]) >= {"add", "sub", "mul"} and report["train"]["steps"] == 30
+    assert "train" not in metrics and "eval_seconds" not in metrics  # timings stay out of `dvc metrics show`
+    assert report["accuracy"] == metrics["accuracy"]
     assert (clone / "data/base/model.safetensors").exists() and (clone / "dvc.lock").exists()
     assert (clone / "data/labels/noisy_labels.jsonl").exists()
     assert (clone / "data/pruned/plan.json").exists() and (clone / "metrics/prune.json").exists()
-    quantized = json.loads((clone / "metrics/quantize.json").read_text())
+    quantized = json.loads((clone / "reports/quantize.json").read_text())
     assert quantized["final"] == "lq_lora_lrec" and (clone / "data/quantized/quantization.json").exists()
     filtered = json.loads((clone / "metrics/filter.json").read_text())
-    assert "meta_ranking" in filtered["detection"] and (clone / "data/filtered/filtered.jsonl").exists()
+    assert set(filtered["detection"]) == {"meta_ranking"} and (clone / "data/filtered/filtered.jsonl").exists()
     lora = json.loads((clone / "metrics/lora.json").read_text())
     assert {"recovered", "full_lora"} <= set(lora["results"]) and (clone / "data/lora/adapter/adapter_config.json").exists()
     second = _repro(clone)

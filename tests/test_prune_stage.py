@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from slimforge import SlimforgeError
 from slimforge.pruning import PrunePlan
-from stages.prune import run
+from stages.prune.stage import run
 from stages.prune.params import PruneParams
 from tests.helpers import save_tiny
 

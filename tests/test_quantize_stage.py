@@ -14,9 +14,9 @@ from slimforge.tasks.records import load_records
 from slimforge.config import Schedule
 from slimforge.losses import distillation_loss
 from slimforge.training import train_causal_lm
-from stages.quantize import pad_columns, run
+from stages.quantize.stage import pad_columns, run
 from stages.quantize.decompose import lq_decompose
-from slimforge.adapters import PROJECTIONS
+from slimforge.config import PROJECTIONS
 from stages.quantize.params import QuantizeParams
 from tests.helpers import save_tiny, tiny_model
 
@@ -118,7 +118,7 @@ def test_budget_picks_mixed_formats_within_it(tmp_path, suite_dir, tokenizer):
 
 
 def test_bad_input_fails_with_one_line(tmp_path, suite_dir, tokenizer, monkeypatch):
-    import stages.quantize as stage
+    import stages.quantize.stage as stage
 
     def no_work(*a, **k):
         raise AssertionError("the Fisher pass ran before the budget was checked")

@@ -73,11 +73,11 @@ def test_every_stage_runs_on_a_real_model_folder(clone, tokenizer, tmp_path, nam
     for stage in ("base", "prune", "quantize", "filter", "lora"):
         assert f"Running stage '{stage}'" in run.stdout, stage
     assert (clone / "plots/base/loss.png").exists()  # declared for a loaded model too
-    lora = json.loads((clone / "metrics/lora.json").read_text())
+    lora = json.loads((clone / "reports/lora.json").read_text())
     assert lora["families"] == [USER_FAMILY]
     recovered = lora["results"]["recovered"]
     assert recovered["accuracy_lora"] == recovered["accuracy"][USER_FAMILY]
-    filtered = json.loads((clone / "metrics/filter.json").read_text())
+    filtered = json.loads((clone / "reports/filter.json").read_text())
     assert 0 <= filtered["kept_fraction"] <= 1 and "meta_ranking" in filtered["detection"]
     stored = "BF16" if dtype == "bfloat16" else "F32"
     assert _dtype_of(clone / "data/base") == {stored} and _dtype_of(clone / "data/pruned") == {stored}

@@ -7,8 +7,8 @@ import torch
 from pydantic import Field
 
 from slimforge.config import Schedule, Schema, parse_params
-from slimforge.io import content_hash, folder_hash
-from slimforge.stage import checkpoint_folder, open_stage
+from slimforge.io import content_hash
+from slimforge.stage import checkpoint_folder, open_stage, select
 from tests.conftest import REPO
 
 
@@ -23,7 +23,7 @@ def test_content_hash_follows_contents_not_paths(tmp_path):
     assert content_hash({"k": 1}, a) != before
     assert content_hash({"k": 2}, b) != content_hash({"k": 1}, b)
     assert content_hash(a / "w.bin") != content_hash(a)  # a file and the folder holding it differ
-    assert folder_hash(b) == folder_hash(b) and len(folder_hash(b)) == 64
+    assert len(content_hash(b)) == 64
 
 
 def test_checkpoint_folder_keeps_its_own_state_and_drops_another_runs(tmp_path):
@@ -54,6 +54,18 @@ def test_open_stage_writes_metrics_and_outputs_and_clears_checkpoints_only_on_su
     assert not (tmp_path / ".checkpoints" / "out").exists()
 
 
+def test_metrics_file_holds_the_headline_and_the_report_everything(tmp_path):
+    measured = {"results": {"a": {"accuracy_lora": 0.9, "ppl": 1.1}, "b": {"accuracy_lora": 0.8, "ppl": 1.2}},
+                "seconds": 12.5, "ratio": 0.3}
+    assert select(measured, ["results.*.accuracy_lora", "ratio", "missing.*"]) == {
+        "results": {"a": {"accuracy_lora": 0.9}, "b": {"accuracy_lora": 0.8}}, "ratio": 0.3}
+    metrics, report = tmp_path / "m.json", tmp_path / "reports" / "r.json"
+    with open_stage("demo", {}, out=tmp_path / "out", inputs=[], metrics=metrics, report=report) as stage:
+        assert stage.finish(measured, headline=["results.*.accuracy_lora"]) == measured
+    assert json.loads(metrics.read_text()) == {"results": {"a": {"accuracy_lora": 0.9}, "b": {"accuracy_lora": 0.8}}}
+    assert json.loads(report.read_text()) == measured
+
+
 class Lrec(Schedule):
     kl_weight: float = Field(1.0, ge=0)
 
@@ -71,15 +83,16 @@ def test_a_partial_section_keeps_the_stages_own_defaults():
         parse_params({"lrec": {"lerning_rate": 1}}, Demo, "demo.yaml")
 
 
-def test_stage_command_line_is_built_from_the_declaration(tmp_path, capsys):
+def test_stage_command_line_is_built_from_the_declaration(tmp_path, capsys, monkeypatch):
+    import sys
+
     from slimforge.stage import stage_main
 
-    calls = []
-
-    def run(params, model, data, out, extra=None):
-        calls.append((params, model, data, out, extra))
-        return {"ok": 1}
-
+    (tmp_path / "demo_stage_module.py").write_text(
+        "calls = []\n\ndef run(params, model, data, out, extra=None):\n"
+        "    calls.append((params, model, data, out, extra))\n    return {'ok': 1}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = "demo_stage_module"  # imported only once the params are valid
     declare = dict(name="demo", params={"params": Demo}, paths=["model", "data", "out", "extra"], optional=("extra",),
                    help={"model": "the model folder to read"}, summary=lambda m: f"demo: {m['ok']}")
     with pytest.raises(SystemExit) as done:
@@ -91,15 +104,22 @@ def test_stage_command_line_is_built_from_the_declaration(tmp_path, capsys):
         stage_main(run, **declare, argv=["--params", "p.yaml"])
     assert done.value.code == 2 and "--model, --data, --out" in capsys.readouterr().err  # --extra is optional
     params = tmp_path / "demo.yaml"
-    params.write_text("lrec: {steps: 7}\n")
-    stage_main(run, **declare, argv=["--params", str(params), "--model", "m", "--data", "d", "--out", "o"])
-    assert calls == [(Demo(lrec=Lrec(steps=7, lr=2e-3, warmup_steps=20)), "m", "d", "o", None)]
-    assert capsys.readouterr().out.strip() == "demo: 1"
     params.write_text("lrec: {stepz: 7}\n")
-    with pytest.raises(SystemExit) as done:  # a bad params file: one line, status 2, no work
+    with pytest.raises(SystemExit) as done:  # a bad params file: one line, status 2, the stage's code never loads
         stage_main(run, **declare, argv=["--params", str(params), "--model", "m", "--data", "d", "--out", "o"])
     err = capsys.readouterr().err.strip()
-    assert done.value.code == 2 and err.startswith("error: ") and "unknown key 'lrec.stepz'" in err and len(calls) == 1
+    assert done.value.code == 2 and err.startswith("error: ") and "unknown key 'lrec.stepz'" in err
+    assert "demo_stage_module" not in sys.modules and "dvc checkout" not in err
+    monkeypatch.setenv("DVC_STAGE", "demo")  # under dvc repro: the outputs are gone, say how to restore them
+    with pytest.raises(SystemExit):
+        stage_main(run, **declare, argv=["--params", str(params), "--model", "m", "--data", "d", "--out", "o"])
+    assert "`dvc checkout demo` restores" in capsys.readouterr().err
+    monkeypatch.delenv("DVC_STAGE")
+    params.write_text("lrec: {steps: 7}\n")
+    stage_main(run, **declare, argv=["--params", str(params), "--model", "m", "--data", "d", "--out", "o"])
+    calls = sys.modules["demo_stage_module"].calls
+    assert calls == [(Demo(lrec=Lrec(steps=7, lr=2e-3, warmup_steps=20)), "m", "d", "o", None)]
+    assert capsys.readouterr().out.strip() == "demo: 1"
 
 
 def test_every_stage_entry_declares_its_command_line():

@@ -152,7 +152,7 @@ def test_check_data_reports_bad_bytes_in_one_line(tmp_path):
 
 
 def test_data_stage_checks_user_files_before_any_work(tmp_path, monkeypatch):
-    import stages.data as stage
+    import stages.data.stage as stage
     from slimforge.config import parse_params
     from stages.data.params import DataParams
 

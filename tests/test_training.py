@@ -7,14 +7,20 @@ from slimforge.batching import collate, encode_records, epoch_batches
 from slimforge.checkpoint import load_checkpoint
 from slimforge.tasks.records import load_records
 from slimforge.config import Schedule
-from slimforge.training import lr_at, train_causal_lm
+from slimforge.training import make_optimizer, make_scheduler, train_causal_lm
 from tests.helpers import tiny_model
 
 
-def test_lr_schedule_shape():
-    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), lr=1.0, weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
 

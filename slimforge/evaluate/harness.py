@@ -4,11 +4,13 @@
 
 Metrics: exact-match accuracy per task family (greedy, batched, KV cache), the macro mean over the
 base families, perplexity of held-out responses, judge accuracy in both formats, parameter count,
-bytes on disk, decode tokens/s.
+bytes on disk. Decode speed is a benchmark, not a stage metric: `slimforge eval --speed` and
+the bench_* scripts measure it (so editing the timing code never reruns a stage).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -18,11 +20,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from slimforge.evaluate.generation import exact_match
 from slimforge.evaluate.judging import verdict_probs
 from slimforge.evaluate.scoring import perplexity
-from slimforge.evaluate.speed import decode_tokens_per_s
 from slimforge.io import folder_bytes
 from slimforge.modeling import count_parameters
 from slimforge.tasks.judge import VERDICTS
 from slimforge.tasks.records import load_records
+
+log = logging.getLogger(__name__)
 
 # Evaluation files of the embedded suite. test.jsonl holds the base families (the model's own
 # tasks); lora_test.jsonl and rl_test.jsonl the later stages' families.
@@ -48,7 +51,7 @@ def judge_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
 
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test_records: list[dict],
              ppl_records: list[dict] | None = None, judge_records: list[dict] | None = None,
-             model_dir: str | Path | None = None, batch_size: int = 256, speed: bool = True,
+             model_dir: str | Path | None = None, batch_size: int = 256,
              base_families: list[str] | None = None) -> dict:
     """Metrics for one model. `test_records` need `answer`; the rest are optional.
     `accuracy_base` is the macro mean over `base_families` (default: every family tested)."""
@@ -65,10 +68,14 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test_re
         metrics["judge"] = judge_accuracy(model, tokenizer, judge_records, max(1, batch_size // 2))
     if model_dir is not None:
         metrics["bytes"] = folder_bytes(model_dir)
-    if speed:
-        metrics["decode_tokens_per_s"], _mode = decode_tokens_per_s(model)
     metrics["eval_seconds"] = time.perf_counter() - start
+    log.info("evaluated %d test problems in %.0f s: accuracy_base %s, ppl %s", len(test_records),
+             metrics["eval_seconds"], _fmt(metrics.get("accuracy_base")), _fmt(metrics.get("ppl")))
     return metrics
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def eval_files(test_files: tuple[str, ...] = (BASE_TEST,)) -> list[str]:
@@ -77,7 +84,7 @@ def eval_files(test_files: tuple[str, ...] = (BASE_TEST,)) -> list[str]:
 
 
 def evaluate_suite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: str | Path,
-                   model_dir: str | Path | None = None, batch_size: int = 256, speed: bool = True,
+                   model_dir: str | Path | None = None, batch_size: int = 256,
                    test_files: tuple[str, ...] = (BASE_TEST,)) -> dict:
     """`evaluate` on suite files of `data_dir` (the data stage's output): exact match on
     `test_files` (those present), perplexity and `accuracy_base` on test.jsonl (its families are
@@ -91,4 +98,4 @@ def evaluate_suite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
     families = sorted({r["family"] for r in ppl}) if ppl else None
     judge = load_records(data_dir / JUDGE_FILE) if (data_dir / JUDGE_FILE).exists() else None
     with torch.no_grad():
-        return evaluate(model, tokenizer, tests, ppl, judge, model_dir, batch_size, speed, families)
+        return evaluate(model, tokenizer, tests, ppl, judge, model_dir, batch_size, families)

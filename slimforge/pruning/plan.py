@@ -7,7 +7,6 @@ their key/value head, so `q_heads[j] // group` is the key/value head query head 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

@@ -9,7 +9,6 @@ with stock `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from slimforge import SlimforgeError
+from slimforge.io import file_hash
 from slimforge.pruning import modeling_pruned as mp
 from slimforge.pruning.plan import PrunePlan
 
@@ -113,5 +113,4 @@ def is_slimforge_pruned(folder: str | Path) -> bool:
     shipped = Path(folder) / MODELING_FILE.name
     if not shipped.is_file():
         return False
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    return digest(shipped) == digest(MODELING_FILE)
+    return file_hash(shipped) == file_hash(MODELING_FILE)

@@ -1,7 +1,7 @@
 """Entry called by dvc.yaml: python -m stages.base --model-params params/model.yaml ..."""
 
 from slimforge.stage import stage_main
-from stages.base import __doc__ as doc, run
+from stages.base import __doc__ as doc
 from stages.base.params import BaseParams, ModelParams
 
 
@@ -11,6 +11,7 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main(run, name="base", params={"model_params": ModelParams, "params": BaseParams},
-               paths=["data", "out", "metrics", "plots"], summary=summary, doc=doc,
+    stage_main("stages.base.stage", name="base", params={"model_params": ModelParams, "params": BaseParams},
+               paths=["data", "out", "metrics", "report", "plots"], optional=("report",),
+               summary=summary, doc=doc,
                help={"model_params": "params/model.yaml", "out": "output model folder (data/base)"})

@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from slimforge.config import Schema
-from slimforge.pretrain import Preset
+from slimforge.config import Preset, Schema
 
 
 class ModelParams(Schema):

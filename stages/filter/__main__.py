@@ -1,7 +1,7 @@
 """Entry called by dvc.yaml: python -m stages.filter --params params/filter.yaml --model data/base ..."""
 
 from slimforge.stage import stage_main
-from stages.filter import __doc__ as doc, run
+from stages.filter import __doc__ as doc
 from stages.filter.params import FilterParams
 
 
@@ -15,8 +15,9 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main(run, name="filter", params={"params": FilterParams}, paths=["model", "data", "labels", "out", "metrics"],
-               optional=("labels",), summary=summary, doc=doc,
+    stage_main("stages.filter.stage", name="filter", params={"params": FilterParams},
+               paths=["model", "data", "labels", "out", "metrics", "report"],
+               optional=("labels", "report"), summary=summary, doc=doc,
                help={"model": "the base model folder: the judge unless params name one, and the model of the "
                               "downstream LoRAs",
                      "labels": "the sidecar labels folder, read only to score the methods afterwards",

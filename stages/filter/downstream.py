@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimforge.adapters import PROJECTIONS, train_lora
+from slimforge.adapters import train_lora
 from slimforge.batching import encode_records
+from slimforge.config import PROJECTIONS
 from slimforge.evaluate.generation import exact_match
 from slimforge.modeling import load_model
 from stages.filter.params import Downstream
@@ -19,7 +20,8 @@ def lora_accuracy(model_dir: Path, records: list[dict], tests: list[dict], ds: D
     model, tokenizer = load_model(model_dir, device=device)
     model, _ = train_lora(model, encode_records(records, tokenizer), ds, rank=ds.rank, alpha=ds.alpha,
                           targets=list(PROJECTIONS), seed=seed, pad_id=tokenizer.pad_token_id,
-                          checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, progress=False)
+                          checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+                          desc=f"downstream lora ({len(records)} rows)")
     accuracy = exact_match(model, tokenizer, tests)
     return sum(accuracy.values()) / len(accuracy)
 

@@ -1,7 +1,7 @@
 """Entry called by dvc.yaml: python -m stages.lora --params params/lora.yaml --base data/base ..."""
 
 from slimforge.stage import stage_main
-from stages.lora import __doc__ as doc, run
+from stages.lora import __doc__ as doc
 from stages.lora.params import LoraParams
 
 
@@ -11,7 +11,8 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main(run, name="lora", params={"params": LoraParams},
-               paths=["base", "data", "out", "metrics", "plots"], summary=summary, doc=doc,
+    stage_main("stages.lora.stage", name="lora", params={"params": LoraParams},
+               paths=["base", "data", "out", "metrics", "report", "plots"], optional=("report",),
+               summary=summary, doc=doc,
                help={"base": "the full base model folder (data/base): the recovered adapter's target",
                      "out": "output folder: adapter/ (recovered) and pruned_adapter/"})

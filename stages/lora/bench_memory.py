@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.logsoftmax_stats import token_logprobs
-from slimforge.adapters import PROJECTIONS, add_lora
+from slimforge.adapters import add_lora
+from slimforge.config import PROJECTIONS
 from slimforge.evaluate.speed import llama3_8b_shape
 from slimforge.pruning import PrunePlan, prune_model
 from slimforge.quantized import pack_linears

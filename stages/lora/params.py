@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from slimforge.adapters import PROJECTIONS, check_projections
-from slimforge.config import Schedule, Schema
+from slimforge.config import PROJECTIONS, Schedule, Schema, check_projections
 
 
 class Train(Schedule):

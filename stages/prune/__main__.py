@@ -1,7 +1,7 @@
 """Entry called by dvc.yaml: python -m stages.prune --params params/prune.yaml --model data/base ..."""
 
 from slimforge.stage import stage_main
-from stages.prune import __doc__ as doc, run
+from stages.prune import __doc__ as doc
 from stages.prune.params import PruneParams
 
 
@@ -14,6 +14,7 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main(run, name="prune", params={"params": PruneParams}, paths=["model", "data", "out", "metrics", "plots"],
+    stage_main("stages.prune.stage", name="prune", params={"params": PruneParams},
+               paths=["model", "data", "out", "metrics", "report", "plots"], optional=("report",),
                summary=summary, doc=doc, help={"model": "the model folder to prune (data/base)",
                                                "out": "output folder for the pruned model"})

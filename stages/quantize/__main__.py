@@ -1,7 +1,7 @@
 """Entry called by dvc.yaml: python -m stages.quantize --params params/quantize.yaml --model data/pruned ..."""
 
 from slimforge.stage import stage_main
-from stages.quantize import __doc__ as doc, run
+from stages.quantize import __doc__ as doc
 from stages.quantize.params import QuantizeParams
 
 
@@ -11,8 +11,9 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main(run, name="quantize", params={"params": QuantizeParams},
-               paths=["model", "base", "data", "out", "metrics", "plots"], summary=summary, doc=doc,
+    stage_main("stages.quantize.stage", name="quantize", params={"params": QuantizeParams},
+               paths=["model", "base", "data", "out", "metrics", "report", "plots"], optional=("report",),
+               summary=summary, doc=doc,
                help={"model": "the pruned model folder (data/pruned)",
                      "base": "the base model folder (data/base): quantized with model: base, and the teacher "
                              "with lrec.teacher: base",

@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from kernels.lowbit_format import BITS, GROUPS
-from slimforge.adapters import PROJECTIONS, check_projections
-from slimforge.config import Schedule, Schema
+from kernels import BITS, GROUPS
+from slimforge.config import PROJECTIONS, Schedule, Schema, check_projections
 
 class Calibration(Schema):
     files: list[str] = Field(["train.jsonl"], description="suite files (in the data folder) the "

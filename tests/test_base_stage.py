@@ -28,7 +28,7 @@ def test_load_path_saves_and_evaluates(arch, tokenizer, suite_dir, tmp_path):
                   tmp_path / "m.json", tmp_path / "plots", report=tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text()) == metrics  # the report: everything measured
     headline = json.loads((tmp_path / "m.json").read_text())
-    assert set(headline) == {"accuracy_base", "accuracy", "ppl", "params"} and headline["ppl"] == metrics["ppl"]
+    assert set(headline) == {"accuracy_base", "accuracy", "n", "ci95", "ppl", "params"} and headline["ppl"] == metrics["ppl"]
     assert "train" not in metrics and metrics["params"] > 0
     assert set(metrics["accuracy"]) >= {"add", "sub", "mul"}
     assert json.loads((out / "slimforge.json").read_text())["stage"] == "base"

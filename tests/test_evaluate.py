@@ -161,3 +161,31 @@ def test_slimforge_eval_measures_decode_speed_only_when_asked(tokenizer, suite_d
     plain, timed = (json.loads((tmp_path / f).read_text()) for f in ("plain.json", "timed.json"))
     assert "decode_tokens_per_s" not in plain and timed["decode_tokens_per_s"] > 0 and timed["decode_mode"] == "eager"
     assert timed["accuracy"] == plain["accuracy"] and timed["params"] == plain["params"]
+
+
+def test_bootstrap_interval_covers_the_mean_narrows_with_n_and_is_stratified():
+    from slimforge.evaluate.intervals import accuracy_with_intervals, macro_interval
+
+    small = {"a": [True] * 45 + [False] * 5}
+    big = {"a": [True] * 450 + [False] * 50}
+    lo, hi = macro_interval(small, ["a"]).values()
+    assert lo < 0.9 < hi and macro_interval(small, ["a"]) == macro_interval(small, ["a"])  # deterministic
+    assert 0.78 < lo and hi <= 1.0  # about ±0.08 at n=50: 1.96 * sqrt(0.9 * 0.1 / 50)
+    big_lo, big_hi = macro_interval(big, ["a"]).values()
+    assert big_hi - big_lo < (hi - lo) / 2.5  # 10x the problems: about 1/sqrt(10) the width
+    # a macro mean over a big sure family and a small noisy one: the small one carries the width
+    mixed = {"sure": [True] * 1000, "noisy": [True, False] * 25}
+    out = accuracy_with_intervals(mixed, {"accuracy_base": ["sure", "noisy"], "accuracy_lora": ["noisy"]})
+    assert out["accuracy_base"] == 0.75 and out["n"] == {"noisy": 50, "sure": 1000}
+    base, noisy = out["ci95"]["accuracy_base"], out["ci95"]["accuracy_lora"]
+    assert base["lo"] < 0.75 < base["hi"] and abs((base["hi"] - base["lo"]) - (noisy["hi"] - noisy["lo"]) / 2) < 0.02
+    assert out["ci95"]["accuracy"]["sure"] == {"lo": 1.0, "hi": 1.0}
+
+
+def test_every_accuracy_carries_n_and_an_interval(tokenizer, suite_dir):
+    model = tiny_model("llama", tokenizer)
+    m = evaluate_suite(model, tokenizer, suite_dir, test_files=TEST_FILES, macro={"accuracy_lora": ["add3"]})
+    assert set(m["n"]) == set(m["accuracy"]) == set(m["ci95"]["accuracy"]) and all(n > 0 for n in m["n"].values())
+    for name in ("accuracy_base", "accuracy_lora"):
+        assert m["ci95"][name]["lo"] <= m[name] <= m["ci95"][name]["hi"]
+    assert m["accuracy_lora"] == m["accuracy"]["add3"]

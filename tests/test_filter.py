@@ -4,6 +4,7 @@ tiny model, proof that filtering never reads the sidecar labels, and bad input."
 
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -119,23 +120,21 @@ def test_scores_are_cached_and_reused(tmp_path, tokenizer, monkeypatch):
 def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_dir, tokenizer, monkeypatch):
     base = save_tiny("llama", tokenizer, tmp_path / "base")
     params = _params(suite_dir, **{"rounds": 2})
-    read = []
-    real = filter_stage.read_jsonl
-
-    def spy(path, *a, **k):
-        read.append(str(path))
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(filter_stage, "read_jsonl", spy)
-    filtered_at = []
-    real_write = filter_stage.write_jsonl
-    monkeypatch.setattr(filter_stage, "write_jsonl",
-                        lambda path, rows: (filtered_at.append(len(read)), real_write(path, rows)))
     labels = tmp_path / "labels"
     write_jsonl(labels / "noisy_labels.jsonl", small_suite()[1])
-    m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels=labels)
-    label_reads = [i for i, p in enumerate(read) if p.endswith("noisy_labels.jsonl")]
-    assert label_reads and min(label_reads) >= max(filtered_at)  # only after the outputs were written
+    # Every file this process opens or renames, whoever does it (an audit hook sees builtins.open,
+    # Path.open, os.open and the atomic writes' renames alike): the labels must not be touched
+    # before the filtered rows are in place.
+    events, recording = [], [True]
+    sys.addaudithook(lambda event, args: events.append((event, [str(a) for a in args[:2]]))
+                     if recording[0] and event in ("open", "os.rename", "os.replace") else None)
+    try:
+        m = run(params, base, suite_dir, tmp_path / "out", tmp_path / "m.json", labels=labels)
+    finally:
+        recording[0] = False
+    label_reads = [i for i, (e, args) in enumerate(events) if e == "open" and args[0].endswith("noisy_labels.jsonl")]
+    written = [i for i, (e, args) in enumerate(events) if e != "open" and args[1].endswith("filtered.jsonl")]
+    assert label_reads and written and min(label_reads) > max(written)  # only after the outputs were written
     assert set(m["detection"]) == {"meta_ranking", "direct", "perplexity", "keep_all"}
     assert m["detection"]["keep_all"]["recall"] == 0.0 and len(m["rounds"]) == 2
     assert set(m["downstream_accuracy"]) == {"meta_ranking", "direct", "keep_all", "oracle"}

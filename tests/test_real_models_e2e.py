@@ -78,7 +78,8 @@ def test_every_stage_runs_on_a_real_model_folder(clone, tokenizer, tmp_path, nam
     recovered = lora["results"]["recovered"]
     assert recovered["accuracy_lora"] == recovered["accuracy"][USER_FAMILY]
     filtered = json.loads((clone / "reports/filter.json").read_text())
-    assert 0 <= filtered["kept_fraction"] <= 1 and "meta_ranking" in filtered["detection"]
+    kept = (clone / "data/filtered/filtered.jsonl").read_text().splitlines()
+    assert filtered["kept_fraction"] == len(kept) / filtered["targets"] and "meta_ranking" in filtered["detection"]
     stored = "BF16" if dtype == "bfloat16" else "F32"
     assert _dtype_of(clone / "data/base") == {stored} and _dtype_of(clone / "data/pruned") == {stored}
     from slimforge.modeling import load_model

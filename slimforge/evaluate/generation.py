@@ -41,9 +41,16 @@ def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
                 batch_size: int = 256) -> dict[str, float]:
-    """Exact-match accuracy per family (greedy decoding, answers compared after trimming). For a
-    one-line answer only the first line of the output counts, so a model that answers and then
-    rambles on (as real chat models do) is judged on its answer."""
+    """Exact-match accuracy per family (see exact_match_hits)."""
+    return {fam: sum(h) / len(h) for fam, h in exact_match_hits(model, tokenizer, records, batch_size).items()}
+
+
+def exact_match_hits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
+                     batch_size: int = 256) -> dict[str, list[bool]]:
+    """Per family, whether each record was answered exactly (greedy decoding, answers compared after
+    trimming; the per-problem outcomes are what an interval is bootstrapped from). For a one-line
+    answer only the first line of the output counts, so a model that answers and then rambles on
+    (as real chat models do) is judged on its answer."""
     longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in records)
     outputs = greedy_generate(model, tokenizer, [r["prompt"] for r in records],
                               max_new_tokens=longest + 2, batch_size=batch_size)
@@ -52,4 +59,4 @@ def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reco
         if "\n" not in rec["answer"]:
             out = out.split("\n")[0]
         hits.setdefault(rec["family"], []).append(is_correct(rec["answer"], out))
-    return {fam: sum(h) / len(h) for fam, h in sorted(hits.items())}
+    return dict(sorted(hits.items()))

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slimforge.evaluate.generation import exact_match
+from slimforge.evaluate.generation import exact_match_hits
+from slimforge.evaluate.intervals import accuracy_with_intervals
 from slimforge.evaluate.judging import verdict_probs
 from slimforge.evaluate.scoring import perplexity
 from slimforge.io import folder_bytes
@@ -52,16 +53,16 @@ def judge_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test_records: list[dict],
              ppl_records: list[dict] | None = None, judge_records: list[dict] | None = None,
              model_dir: str | Path | None = None, batch_size: int = 256,
-             base_families: list[str] | None = None) -> dict:
+             base_families: list[str] | None = None, macro: dict[str, list[str]] | None = None) -> dict:
     """Metrics for one model. `test_records` need `answer`; the rest are optional.
-    `accuracy_base` is the macro mean over `base_families` (default: every family tested)."""
+    `accuracy_base` is the macro mean over `base_families` (default: every family tested); `macro`
+    names further macro means ({"accuracy_lora": [...families]}). Every accuracy comes with its
+    problem count (`n`) and a 95% bootstrap interval (`ci95`, see intervals.py)."""
     start = time.perf_counter()
     model.eval()
-    acc = exact_match(model, tokenizer, test_records, batch_size)
-    base = [acc[f] for f in (acc if base_families is None else base_families) if f in acc]
-    metrics: dict = {"accuracy": acc, "params": count_parameters(model)}
-    if base:
-        metrics["accuracy_base"] = sum(base) / len(base)
+    hits = exact_match_hits(model, tokenizer, test_records, batch_size)
+    means = {"accuracy_base": list(hits) if base_families is None else base_families, **(macro or {})}
+    metrics: dict = {**accuracy_with_intervals(hits, means), "params": count_parameters(model)}
     if ppl_records:
         metrics["ppl"] = perplexity(model, tokenizer, ppl_records, max(1, batch_size // 4))
     if judge_records:
@@ -85,11 +86,11 @@ def eval_files(test_files: tuple[str, ...] = (BASE_TEST,)) -> list[str]:
 
 def evaluate_suite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: str | Path,
                    model_dir: str | Path | None = None, batch_size: int = 256,
-                   test_files: tuple[str, ...] = (BASE_TEST,)) -> dict:
+                   test_files: tuple[str, ...] = (BASE_TEST,), macro: dict[str, list[str]] | None = None) -> dict:
     """`evaluate` on suite files of `data_dir` (the data stage's output): exact match on
     `test_files` (those present), perplexity and `accuracy_base` on test.jsonl (its families are
-    the base families), judge accuracy on judge_test.jsonl. A stage reads only the files it names,
-    so dvc.yaml can make it depend on just those."""
+    the base families), judge accuracy on judge_test.jsonl, `macro` as in `evaluate`. A stage reads
+    only the files it names, so dvc.yaml can make it depend on just those."""
     data_dir = Path(data_dir)
     loaded = {name: load_records(data_dir / name, need_answer=True) for name in test_files
               if (data_dir / name).exists()}
@@ -98,4 +99,4 @@ def evaluate_suite(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
     families = sorted({r["family"] for r in ppl}) if ppl else None
     judge = load_records(data_dir / JUDGE_FILE) if (data_dir / JUDGE_FILE).exists() else None
     with torch.no_grad():
-        return evaluate(model, tokenizer, tests, ppl, judge, model_dir, batch_size, families)
+        return evaluate(model, tokenizer, tests, ppl, judge, model_dir, batch_size, families, macro)

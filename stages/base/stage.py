@@ -16,7 +16,7 @@ from stages.base.params import BaseParams, ModelParams
 
 
 # What `dvc metrics show` compares; timings, judge accuracy and bytes go to the report (--report).
-HEADLINE = ["accuracy_base", "accuracy.*", "ppl", "params"]
+HEADLINE = ["accuracy_base", "accuracy.*", "n.*", "ci95.*", "ppl", "params"]
 
 
 def run(model_params: ModelParams, params: BaseParams, data: str | Path, out: str | Path, metrics: str | Path,

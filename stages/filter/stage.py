@@ -164,7 +164,8 @@ def write_outputs(folder: Path, targets: list[dict], ids: list[str], methods: di
 
 
 # What `dvc metrics show` compares; per-method detection, timings and pool AUCs go to the report.
-HEADLINE = ["downstream_accuracy.*", "detection.meta_ranking.f1", "detection.meta_ranking.auc", "kept_fraction"]
+HEADLINE = ["downstream_accuracy.*", "downstream_ci95.*", "downstream_n", "detection.meta_ranking.f1",
+            "detection.meta_ranking.auc", "kept_fraction"]
 
 
 def run(params: FilterParams, model: str | Path, data: str | Path, out: str | Path, metrics: str | Path,
@@ -201,9 +202,10 @@ def run(params: FilterParams, model: str | Path, data: str | Path, out: str | Pa
             measured["detection"] = score_methods(methods, wrong)
             measured["wrong_fraction"] = sum(wrong) / len(wrong)
         if params.downstream.steps > 0:
-            measured["downstream_accuracy"] = downstream_accuracy(
-                base, targets, methods, wrong, load_records(data / params.downstream.test_file, need_answer=True),
-                params.downstream, params.seed, stage)
+            tests = load_records(data / params.downstream.test_file, need_answer=True)
+            measured["downstream_accuracy"], measured["downstream_ci95"] = downstream_accuracy(
+                base, targets, methods, wrong, tests, params.downstream, params.seed, stage)
+            measured["downstream_n"] = len(tests)
         return stage.finish(measured, headline=HEADLINE)
 
 

@@ -1,10 +1,14 @@
 """GPU-only checks (skipped without CUDA): the CUDA-graph decode path generates exactly what eager
-greedy decoding generates, and is faster."""
+greedy decoding generates -- for stock models, for a pruned model (per-layer widths, a key/value
+cache of different widths per layer) and for a model whose linears are QuantLinear (the low-bit
+kernels inside the captured graph) -- and is faster."""
 
 import pytest
 import torch
 
 from slimforge.evaluate.speed import decode_tokens_per_s, eager_decode, graph_decode
+from kernels.quant_linear import QuantLinear
+from slimforge.pruning import LayerPlan, PrunePlan, prune_model
 from tests.helpers import ARCHS, tiny_model
 
 pytestmark = [pytest.mark.gpu,
@@ -14,6 +18,48 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_graph_decode_matches_eager(arch, tokenizer):
     model = tiny_model(arch, tokenizer, seed=2).cuda()
+    eager, _ = eager_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
+    graph, _ = graph_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
+    assert torch.equal(eager, graph)
+
+
+def uneven_prune(model):
+    """tiny_model pruned unevenly: layer 0 keeps one of its two key/value groups and 37 of 64 MLP
+    channels (a width no kernel tile divides), layer 1 every head and 24 channels."""
+    plan = PrunePlan.identity(model.config)
+    plan.layers[0] = LayerPlan(q_heads=[2, 3], kv_heads=[1], channels=sorted([*range(0, 64, 2), 1, 3, 5, 7, 9]))
+    plan.layers[1].channels = list(range(40, 64))
+    return prune_model(model, plan)
+
+
+def with_quant_linears(model, bits: int, rank: int):
+    """Every decoder projection a QuantLinear (group 32, the tiny model's width); a non-zero
+    low-rank correction when `rank` > 0, so the fused factor path is in the graph too. (Done here
+    rather than with slimforge.quantized.pack_linears, which needs the config schemas' pydantic.)"""
+    torch.manual_seed(3)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    q = QuantLinear.from_linear(child, bits=bits, group=32, rank=rank)
+                    if rank:
+                        q.up.data.normal_(0, 0.02)
+                    setattr(parent, name, q)
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_graph_decode_matches_eager_on_a_pruned_model(arch, tokenizer):
+    model = uneven_prune(tiny_model(arch, tokenizer, seed=2)).cuda()
+    assert model.config.layer_num_kv_heads == [1, 2] and model.config.layer_intermediate_sizes == [37, 24]
+    eager, _ = eager_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
+    graph, _ = graph_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
+    assert torch.equal(eager, graph)
+
+
+@pytest.mark.parametrize("bits, rank", [(4, 0), (2, 8)])
+def test_graph_decode_matches_eager_on_a_quantlinear_model(bits, rank, tokenizer):
+    model = with_quant_linears(tiny_model("llama", tokenizer, seed=2), bits=bits, rank=rank).cuda()
     eager, _ = eager_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
     graph, _ = graph_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
     assert torch.equal(eager, graph)

@@ -60,3 +60,39 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path):
     evolve([1] * 8, generations=3, checkpoint=tmp_path / "b.json", **kw)  # "killed" after 3
     resumed = evolve([1] * 8, generations=8, checkpoint=tmp_path / "b.json", **kw)
     assert resumed == straight
+
+
+def _space(hidden=32, inter=64, heads=4, kv=2, layers=2, sparsity=0.5, round_to=16):
+    from stages.prune.space import search_space
+    dims = {"hidden_size": hidden, "num_heads": heads, "num_kv_heads": kv, "head_dim": hidden // heads,
+            "intermediate_size": inter}
+    return search_space(dims, layers, sparsity, "group", round_to, delta=0.125, levels=2)
+
+
+def test_attention_kept_control_matches_the_budget_exactly_when_the_units_allow():
+    # tests.helpers.tiny_model's shape: one key/value group (2 query + 1 k + 1 v head, 8 wide, of a
+    # 32-wide model: 1536 weights) is exactly 16 MLP channels (3 * 32 weights each), one rounding unit
+    space = _space()
+    keeps = space.attention_kept(space.budget)
+    assert keeps == [2, 16, 2, 16] and space.removed(keeps) == space.budget == 9216
+
+
+@pytest.mark.parametrize("hidden, heads, kv, layers, inter", [(120, 6, 3, 3, 200), (96, 4, 2, 5, 384),
+                                                          (128, 4, 2, 6, 100)])
+def test_attention_kept_control_is_within_half_a_rounding_step(hidden, heads, kv, layers, inter):
+    space = _space(hidden=hidden, heads=heads, kv=kv, inter=inter, layers=layers, sparsity=0.3)
+    misses = set()
+    for budget in range(0, 3 * hidden * (inter - 16) * layers, 997):  # 997: prime, off every grid
+        keeps = space.attention_kept(budget)
+        attn, mlp = keeps[0::2], keeps[1::2]
+        assert attn == [space.layouts["attn"].per_block] * layers  # no head removed
+        assert max(mlp) - min(mlp) <= 16 and all(k % 16 == 0 or k == inter for k in mlp)
+        misses.add(space.removed(keeps) - budget)
+        assert abs(space.removed(keeps) - budget) <= 3 * hidden * 16 // 2
+    assert len(misses) > 10  # the rounding is exercised, not only exact hits
+
+
+def test_attention_kept_control_refuses_what_the_mlps_cannot_carry():
+    # attention is two thirds of this model (MLP 64 wide): half its weights are more than its MLPs hold
+    space = _space(hidden=128, inter=64)
+    assert space.attention_kept(space.budget) is None

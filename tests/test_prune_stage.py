@@ -42,8 +42,28 @@ def test_half_sparsity_end_to_end(criterion, tmp_path, suite_dir, tokenizer):
     assert not (tmp_path / ".checkpoints" / "pruned").exists()
 
 
+def test_searched_uniform_and_attention_kept_remove_the_same_parameters(tmp_path, suite_dir, tokenizer):
+    # Exactly equal on this shape, by design: the cross-type search holds its removed total within
+    # one step above the uniform budget, and here every step is the same 1536 weights (one key/value
+    # group = 16 MLP channels = one mlp_round_to unit), so it cannot overshoot; the attention-kept
+    # control cuts each MLP to 16 channels, exactly the same count. (Shapes whose units do not
+    # divide: the search is within one step, tests/test_prune_search.py's cross-type test; the
+    # control within half a rounding step, its attention_kept tests.)
+    _, _, m = _run(tmp_path, suite_dir, tokenizer, criterion="magnitude", sparsity=0.5)
+    removed = m["removed_weights"]
+    assert removed["searched"] == removed["uniform"] == removed["attention_kept"] == 2 * 4608
+    assert m["searched"]["params"] == m["uniform"]["params"] == m["attention_kept"]["params"]
+    assert m["mlp_widths"]["attention_kept"] == [16, 16] and m["mlp_widths"]["uniform"] == [32, 32]
+    assert all(m[k]["attention_kept"] >= 0 for k in ("kl", "kl_heldout"))
+    assert 0 <= m["attention_kept"]["accuracy_base"] <= 1
+    headline = json.loads((tmp_path / "m.json").read_text())
+    assert {"searched", "uniform", "attention_kept"} <= set(headline["kl_heldout"])
+    assert all("accuracy_base" in headline[k] and "params" in headline[k] for k in ("searched", "uniform", "attention_kept"))
+
+
 def test_zero_sparsity_reproduces_the_logits(tmp_path, suite_dir, tokenizer):
-    base, out, m = _run(tmp_path, suite_dir, tokenizer, sparsity=0.0, uniform_baseline=False)
+    base, out, m = _run(tmp_path, suite_dir, tokenizer, sparsity=0.0, uniform_baseline=False,
+                            attention_kept_baseline=False)
     ids = torch.tensor([[1, 7, 4, 9, 12, 5]])
     dense = AutoModelForCausalLM.from_pretrained(base).eval()
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()

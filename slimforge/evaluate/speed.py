@@ -87,19 +87,24 @@ def graph_decode(model: PreTrainedModel, batch_size: int, prompt_len: int, new_t
 def decode_tokens_per_s(model: PreTrainedModel, batch_size: int = 1, prompt_len: int = 16,
                         new_tokens: int = 64, cuda_graph: bool = True) -> tuple[float, str]:
     """(steady decode tokens/s after a warm-up run, mode) where mode is 'cuda-graph' (static
-    cache, each step one graph replay) or 'eager'. `new_tokens` are generated after a
-    `prompt_len`-token prompt; the context stays within the model's max_position_embeddings."""
-    limit = getattr(model.config, "max_position_embeddings", prompt_len + new_tokens + 1)
-    new_tokens = max(WARMUP + 1, min(new_tokens, limit - prompt_len - 1))
+    cache, each step one graph replay) or 'eager'. Times exactly `new_tokens` greedy steps per
+    sequence after a `prompt_len`-token prompt (the graph path's WARMUP eager steps come before
+    them, untimed); a context past the model's max_position_embeddings is an error, not a silent
+    shorter run."""
+    warmup = WARMUP if cuda_graph and next(model.parameters()).is_cuda else 0
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if new_tokens < 1 or (limit is not None and prompt_len + warmup + new_tokens + 1 > limit):
+        raise ValueError(f"prompt_len={prompt_len} + new_tokens={new_tokens} (+{warmup} warm-up steps) does not "
+                         f"fit the model's {limit} positions")
     was_training = model.training
     model.eval()
     try:
-        if cuda_graph and next(model.parameters()).is_cuda:
-            graph_decode(model, batch_size, prompt_len, 2 * WARMUP)  # warm-up: kernels, autotuning, allocator
-            _, seconds = graph_decode(model, batch_size, prompt_len, new_tokens)
-            return batch_size * (new_tokens - WARMUP) / seconds, "cuda-graph"
-        eager_decode(model, batch_size, prompt_len, WARMUP)  # warm-up
-        _, seconds = eager_decode(model, batch_size, prompt_len, new_tokens)
+        if warmup:
+            graph_decode(model, batch_size=batch_size, prompt_len=prompt_len, new_tokens=2 * WARMUP)  # kernels, autotuning, allocator
+            _, seconds = graph_decode(model, batch_size=batch_size, prompt_len=prompt_len, new_tokens=WARMUP + new_tokens)
+            return batch_size * new_tokens / seconds, "cuda-graph"
+        eager_decode(model, batch_size=batch_size, prompt_len=prompt_len, new_tokens=WARMUP)  # warm-up
+        _, seconds = eager_decode(model, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens)
         return batch_size * new_tokens / seconds, "eager"
     finally:
         model.train(was_training)

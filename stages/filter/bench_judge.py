@@ -37,10 +37,10 @@ def judge_1b() -> LlamaForCausalLM:
 
 
 def pairs_per_s(model, tokenizer, targets, refs, batch_size: int) -> float:
-    pairwise_win_probs(model, tokenizer, targets[:8], refs[:8], batch_size)  # warm-up
+    pairwise_win_probs(model, tokenizer, targets[:8], refs[:8], batch_size=batch_size)  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
-    pairwise_win_probs(model, tokenizer, targets, refs, batch_size)
+    pairwise_win_probs(model, tokenizer, targets, refs, batch_size=batch_size)
     torch.cuda.synchronize()
     return len(targets) / (time.perf_counter() - start)
 
@@ -58,13 +58,13 @@ def main() -> None:
     texts = [pairwise_prompt((t["prompt"], t["response"]), (r["prompt"], r["response"])) + " A" + " B"
              for t, (r,) in zip(targets, refs)] + [verify_prompt(t["prompt"], t["response"]) + " yes no"
                                                     for t in targets]
-    tokenizer = build_tokenizer(texts, 300, must_be_single=[v for pair in VERDICTS.values() for v in pair])
+    tokenizer = build_tokenizer(texts, vocab_size=300, must_be_single=[v for pair in VERDICTS.values() for v in pair])
     tokenizer.padding_side = "left"
     model = judge_1b()
     result = {"gpu": torch.cuda.get_device_name(), "judge": "Llama 1B shape, bf16"}
     for bs in (256, 1024):
-        result[f"batched_{bs}"] = pairs_per_s(model, tokenizer, targets, refs, bs)
-    result["one_at_a_time"] = pairs_per_s(model, tokenizer, targets[:args.single], refs[:args.single], 1)
+        result[f"batched_{bs}"] = pairs_per_s(model, tokenizer, targets, refs, batch_size=bs)
+    result["one_at_a_time"] = pairs_per_s(model, tokenizer, targets[:args.single], refs[:args.single], batch_size=1)
     result["speedup"] = max(result["batched_256"], result["batched_1024"]) / result["one_at_a_time"]
     print(json.dumps(result, indent=1))
     if args.json:

@@ -71,4 +71,8 @@ class PruneParams(Schema):
     search: Search = Field(Search(), description="evolutionary search")
     uniform_baseline: bool = Field(True, description="also prune uniformly (every sublayer at the target) "
                                    "and report it beside the searched model")
+    attention_kept_baseline: bool = Field(True, description="also prune a control that keeps every attention "
+                                          "head and cuts the MLPs as evenly as mlp_round_to allows, removing as "
+                                          "many weights as the searched model (within half of one layer's "
+                                          "mlp_round_to step), and report it beside the searched model")
     eval_batch_size: int = Field(256, gt=0, description="sequences per evaluation batch")

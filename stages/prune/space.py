@@ -60,6 +60,31 @@ class SearchSpace:
         self.step = {"attn": max(1, self.step["attn"] // 2),
                      "mlp": max(self.round_to, self.step["mlp"] // 2 // self.round_to * self.round_to)}
 
+    def attention_kept(self, budget: int) -> list[int] | None:
+        """The control genome: every attention head kept, MLPs pruned as uniformly as `round_to`
+        allows to remove `budget` weights. Widths are multiples of `round_to` (or the full width)
+        and differ between layers by at most one step; of the totals reachable that way the one
+        nearest `budget` is taken (a tie goes to removing more, as the search's budget rule), so it
+        misses `budget` by at most half of one layer's rounding step (3 * hidden * round_to
+        weights). None when no such genome comes that close (the MLPs alone cannot carry the budget)."""
+        mlp, n = self.layouts["mlp"], self.kinds.count("mlp")
+        widths = sorted({mlp.per_block, *range(self.round_to, mlp.per_block + 1, self.round_to)})
+        mean = mlp.per_block - budget / (mlp.unit_params * n)  # the exact (unrounded) uniform width
+        options = []  # (|miss|, -removed, keeps): `wide` layers at `hi`, the rest at `lo`, spread evenly
+        for lo, hi in zip(widths, widths[1:] + widths[-1:]):
+            if lo - self.round_to <= mean <= hi + self.round_to:
+                for wide in range(n + 1):
+                    keeps = [hi if (i + 1) * wide // n > i * wide // n else lo for i in range(n)]
+                    removed = sum(removed_weights(mlp, k) for k in keeps)
+                    options.append((abs(removed - budget), -removed, keeps))
+        if not options:
+            return None
+        miss, _, keeps = min(options)
+        if 2 * miss > mlp.unit_params * self.round_to:
+            return None  # attention alone is too large a share: MLPs cannot carry the budget
+        mlp_keeps = iter(keeps)
+        return [self.layouts["attn"].per_block if k == "attn" else next(mlp_keeps) for k in self.kinds]
+
     def sparsity_per_layer(self, keeps: list[int], kind: str) -> list[float]:
         """Share of each layer's `kind` sublayer that `keeps` removes (for the plot)."""
         return [1 - keep / self.layouts[kind].per_block for keep, k in zip(keeps, self.kinds) if k == kind]

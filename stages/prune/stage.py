@@ -4,6 +4,7 @@ __main__.py (which checks the params before importing this module, so a typo fai
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from stages.prune.space import SearchSpace, search_space
 from stages.prune.supernet import Criterion, build_supernet
 
 HELDOUT_FILE = "val.jsonl"
+log = logging.getLogger(__name__)
 
 
 def probes(dense, tokenizer, params: PruneParams, data: Path, device: str) -> tuple[KLProbe, KLProbe]:
@@ -51,14 +53,14 @@ def criterion_for(dense, batches: list[dict], dims: dict, space: SearchSpace, pa
                      params.attention_unit, scores)
 
 
-def uniform_baseline(dense, tokenizer, work, space: SearchSpace, criterion: Criterion, probe: KLProbe,
-                     heldout: KLProbe, cut, params: PruneParams, data: Path) -> dict:
-    """Every sublayer at the target sparsity with the same criterion, pruned in sequence."""
-    uniform = build_supernet(dense, probe.batches, space.sublayers, space.layouts, [[k] for k in space.uniform],
-                             criterion)
-    apply_genome(work, uniform, space.sublayers, space.uniform)
+def baseline(dense, tokenizer, work, space: SearchSpace, keeps: list[int], criterion: Criterion, probe: KLProbe,
+             heldout: KLProbe, cut, params: PruneParams, data: Path) -> dict:
+    """A fixed genome (`keeps`, no search) with the same criterion, sublayers pruned in sequence, scored
+    as the searched model is: KL on calibration and held-out batches, the evaluation suite."""
+    net = build_supernet(dense, probe.batches, space.sublayers, space.layouts, [[k] for k in keeps], criterion)
+    apply_genome(work, net, space.sublayers, keeps)
     return {"kl": probe(work), "kl_heldout": heldout(work),
-            "eval": evaluate_suite(cut(uniform, space.uniform), tokenizer, data, batch_size=params.eval_batch_size)}
+            "eval": evaluate_suite(cut(net, keeps), tokenizer, data, batch_size=params.eval_batch_size)}
 
 
 def plot(space: SearchSpace, history: list[float], criterion: str, plots: Path) -> list[Path]:
@@ -72,7 +74,7 @@ def plot(space: SearchSpace, history: list[float], criterion: str, plots: Path) 
 
 
 # What `dvc metrics show` compares; timings and per-family accuracy go to the report (--report).
-HEADLINE = ["kl_heldout.*", "*.accuracy_base", "searched.params", "sparsity.achieved"]
+HEADLINE = ["kl_heldout.*", "*.accuracy_base", "*.ci95.accuracy_base.*", "*.params", "sparsity.achieved"]
 
 
 def run(params: PruneParams, model: str | Path, data: str | Path, out: str | Path, metrics: str | Path,
@@ -108,11 +110,29 @@ def run(params: PruneParams, model: str | Path, data: str | Path, out: str | Pat
                   "kl": {"searched": probe(work)}, "kl_heldout": {"searched": heldout(work)},
                   "search_seconds": search_seconds,
                   "searched": evaluate_suite(pruned, tokenizer, data, model_dir=out, batch_size=params.eval_batch_size)}
+        # Controls at the searched model's parameter count, same criterion: `uniform` (every sublayer
+        # at the target; the search's budget, which cross-type moves hold to within one step) and
+        # `attention_kept` (no attention head removed, MLPs cut as evenly as mlp_round_to allows).
+        controls = {}
         if params.uniform_baseline:
-            cut = lambda net, keeps: prune_model(dense, *plan_and_weights(  # noqa: E731
-                dense, dims, arch, params.attention_unit, net, space.sublayers, keeps, meta))
-            u = uniform_baseline(dense, tokenizer, work, space, criterion, probe, heldout, cut, params, data)
-            measured["kl"]["uniform"], measured["kl_heldout"]["uniform"], measured["uniform"] = u["kl"], u["kl_heldout"], u["eval"]
+            controls["uniform"] = space.uniform
+        if params.attention_kept_baseline:
+            keeps = space.attention_kept(space.removed(space.centre))
+            if keeps is None:
+                log.warning("no attention_kept control: at sparsity %s the MLPs alone cannot lose as many "
+                            "weights as the searched model", params.sparsity)
+            else:
+                controls["attention_kept"] = keeps
+        cut = lambda net, keeps: prune_model(dense, *plan_and_weights(  # noqa: E731
+            dense, dims, arch, params.attention_unit, net, space.sublayers, keeps, meta))
+        mlp_widths = lambda keeps: [k for k, kind in zip(keeps, space.kinds) if kind == "mlp"]  # noqa: E731
+        measured["removed_weights"] = {"searched": space.removed(space.centre)}
+        measured["mlp_widths"] = {"searched": mlp_widths(space.centre)}
+        for name, keeps in controls.items():
+            b = baseline(dense, tokenizer, work, space, keeps, criterion, probe, heldout, cut, params, data)
+            measured["kl"][name], measured["kl_heldout"][name], measured[name] = b["kl"], b["kl_heldout"], b["eval"]
+            measured["removed_weights"][name] = space.removed(keeps)
+            measured["mlp_widths"][name] = mlp_widths(keeps)
         return stage.finish(measured, plots=plot(space, history, params.criterion, Path(plots)), headline=HEADLINE)
 
 

@@ -43,7 +43,7 @@ def main() -> None:
     print(f"{'model':22s} " + " ".join(f"{'b' + str(b):>16s}" for b in batches))
     print(f"{'bf16':22s} " + " ".join(f"{base[b]:9.1f} (1.00x)" for b in batches))
     for bits, rank in ((4, 0), (2, 0), (2, 64)):
-        model = pack_linears(copy.deepcopy(dense), bits, args.group, rank)
+        model = pack_linears(copy.deepcopy(dense), bits=bits, group=args.group, rank=rank)
         torch.cuda.empty_cache()
         tok = {b: decode_tokens_per_s(model, batch_size=b, prompt_len=128, new_tokens=args.new)[0] for b in batches}
         label = f"W{bits} g{args.group}" + (f" + rank {rank}" if rank else "")

@@ -1,6 +1,7 @@
 """The quantize stage on tiny random models: the folder round trip, LREC training only the
 factors, the budget allocation, end to end on a pruned input, and bad input."""
 
+import copy
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from slimforge.tasks.records import load_records
 from slimforge.config import Schedule
 from slimforge.losses import distillation_loss
 from slimforge.training import train_causal_lm
-from stages.quantize.stage import pad_columns, run
+from stages.quantize.stage import pad_columns, run, zero_init_factors
 from stages.quantize.decompose import lq_decompose
 from slimforge.config import PROJECTIONS
 from stages.quantize.params import QuantizeParams
@@ -82,6 +83,21 @@ def test_lrec_trains_only_the_factors_and_lowers_the_loss(tmp_path, tokenizer, s
     assert sum(out["losses"][-5:]) < sum(out["losses"][:5])
 
 
+def test_control_starts_exactly_at_rtn(tokenizer):
+    model = tiny_model("llama", tokenizer)
+    linears = target_linears(model, list(PROJECTIONS))
+    formats = {n: (2, 32) for n in linears}
+    rtn = {n: lq_decompose(m.weight.detach(), 2, 32, rank=0) for n, m in linears.items()}
+    control = zero_init_factors(rtn, rank=4, seed=0)
+    assert all(control[n].down.shape == (4, rtn[n].q.shape[1]) and control[n].down.abs().max() > 0 for n in linears)
+    assert all(torch.equal(control[n].weight(), rtn[n].weight()) for n in linears)  # up = 0: W_hat unchanged
+    assert all(torch.equal(control[n].down, zero_init_factors(rtn, 4, 0)[n].down) for n in linears)  # seeded
+    ids = torch.randint(0, len(tokenizer), (2, 8), generator=torch.Generator().manual_seed(0))
+    a = quantize_model(copy.deepcopy(model), rtn, formats)(ids).logits
+    b = quantize_model(copy.deepcopy(model), control, formats)(ids).logits
+    assert torch.allclose(a, b, atol=1e-6)
+
+
 def _pruned_folder(tmp_path, tokenizer):
     base = save_tiny("llama", tokenizer, tmp_path / "base")
     from transformers import AutoModelForCausalLM
@@ -96,10 +112,27 @@ def _pruned_folder(tmp_path, tokenizer):
 
 def test_stage_end_to_end_on_a_pruned_model(tmp_path, suite_dir, tokenizer):
     base, pruned = _pruned_folder(tmp_path, tokenizer)
-    params = QuantizeParams.model_validate({**SMALL, "bits": 2, "group": 32})
+    params = QuantizeParams.model_validate({**SMALL, "bits": 2, "group": 32, "rank": 1,
+                                            "choices": [[2, 32], [3, 32], [4, 32]]})
     m = run(params, pruned, base, suite_dir, tmp_path / "q", tmp_path / "m.json", tmp_path / "plots")
-    assert set(m["results"]) == {"full_precision", "rtn", "lq_lora", "lq_lora_lrec"} and m["final"] == "lq_lora_lrec"
-    assert m["lrec_steps"] == 6 and m["bits"]["bits_per_weight"] > 2.5
+    results = m["results"]
+    assert set(results) == {"full_precision", "rtn", "rtn_matched", "lq_lora", "lq_lora_lrec", "rtn_lrec"}
+    assert m["final"] == "lq_lora_lrec" and m["lrec_steps"] == 6 and m["bits"]["bits_per_weight"] > 2.5
+    # every column carries its own bits and judge accuracy
+    assert all("bits_per_weight" in r and set(r["judge"]) == {"verify", "pairwise"} for r in results.values())
+    lrec_bits = results["lq_lora_lrec"]["bits_per_weight"]
+    assert lrec_bits == results["lq_lora"]["bits_per_weight"] == results["rtn_lrec"]["bits_per_weight"]
+    assert results["rtn"]["bits_per_weight"] < lrec_bits - 0.5  # same format without factors: fewer bits
+    # RTN at matched bits spends (nearly) the corrected model's budget, on weights alone
+    assert lrec_bits - 0.05 <= results["rtn_matched"]["bits_per_weight"] <= lrec_bits + 1e-9
+    assert m["rtn_matched_allocation"]["budget_bits_per_weight"] == lrec_bits
+    # the control trained exactly as long as LREC; gap closed is measured from the matched baseline
+    assert m["rtn_lrec_steps"] == m["lrec_steps"] == 6
+    assert set(m["gap_closed"]) == {"rtn_matched"}
+    assert {"lq_lora_lrec.ppl", "rtn_lrec.ppl"} <= set(m["gap_closed"]["rtn_matched"])  # (accuracy: 0 for all here)
+    headline = json.loads((tmp_path / "m.json").read_text())
+    assert "bits_per_weight" in headline["results"]["rtn_matched"] and "judge" in m["results"]["rtn_lrec"]
+    assert "ci95" in headline["results"]["rtn_lrec"] and "judge" not in headline["results"]["rtn_lrec"]  # report only
     model, _ = load_quantized(tmp_path / "q")
     assert model.model.layers[0].mlp.down_proj.in_features == 48
     assert (tmp_path / "plots" / "bits.png").exists() and not (tmp_path / ".checkpoints" / "q").exists()

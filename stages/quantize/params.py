@@ -51,8 +51,11 @@ class QuantizeParams(Schema):
     calibration: Calibration = Field(Calibration(), description="calibration data (Fisher)")
     lrec: Lrec = Field(Lrec(steps=400, lr=2e-3, warmup_steps=20, batch_size=64, checkpoint_every=100),
                        description="INT2.1 low-rank error correction against the teacher")
-    compare: bool = Field(True, description="also evaluate round-to-nearest and the untrained decomposition "
-                          "at the same format, for the comparison table")
+    compare: bool = Field(True, description="also evaluate, for the comparison table (method lq_lora only): "
+                          "round-to-nearest at the same format (rank 0, so fewer bits); RTN at matched bits "
+                          "(the ILP over `choices` plus the run's own format, rank 0, at the final model's "
+                          "bits/weight); and, when LREC runs, the control RTN + zero-product rank-r factors "
+                          "trained with the same LREC recipe (about doubles the LREC time)")
     eval_batch_size: int = Field(256, gt=0, description="sequences per evaluation batch")
 
     @field_validator("bits")

@@ -4,6 +4,7 @@ __main__.py (which checks the params before importing this module, so a typo fai
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -109,9 +110,24 @@ def decompose(weights: dict[str, torch.Tensor], factors: dict[str, tuple], forma
     return out
 
 
-def correct_errors(student, teacher, tokenizer, params: QuantizeParams, data: Path, stage) -> dict:
+def zero_init_factors(decomposed: dict, rank: int, seed: int) -> dict:
+    """The LREC control's start: RTN (rank-0 decompositions) plus rank-r factors initialised as
+    PEFT initialises LoRA (down uniform in +-1/sqrt(K), up = 0), so the model starts exactly at RTN
+    and only the training moves it; LQ-LoRA's start is the SVD of the weighted RTN residual instead."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, d in decomposed.items():
+        n, k = d.q.shape
+        down = (2 * torch.rand(rank, k, generator=g) - 1) / k ** 0.5
+        out[name] = dataclasses.replace(d, down=down.to(d.down), up=d.up.new_zeros(n, rank))
+    return out
+
+
+def correct_errors(student, teacher, tokenizer, params: QuantizeParams, data: Path, stage,
+                   checkpoints: Path | None = None, prefix: str = "lrec") -> dict:
     """INT2.1: only the low-rank factors train, against the teacher (KL over the vocabulary +
-    response cross-entropy). Returns the training history."""
+    response cross-entropy). Returns the training history. `checkpoints`/`prefix`: where it
+    resumes from and how it logs (the control trains a second model with the same recipe)."""
     teacher.requires_grad_(False)
     student.requires_grad_(False)
     for m in student.modules():
@@ -121,15 +137,19 @@ def correct_errors(student, teacher, tokenizer, params: QuantizeParams, data: Pa
     lrec = params.lrec
     examples = encode_records(load_records(data / LREC_FILE), tokenizer, max_len=params.calibration.max_len)
     history = train_causal_lm(student, examples, lrec, pad_id=tokenizer.pad_token_id, seed=params.seed,
-                              checkpoint_dir=stage.checkpoints, fingerprint=stage.fingerprint,
+                              checkpoint_dir=checkpoints or stage.checkpoints, fingerprint=stage.fingerprint,
                               loss_fn=distillation_loss(teacher, ce_weight=lrec.ce_weight, kl_weight=lrec.kl_weight),
-                              on_log=stage.logger("lrec_"), desc="lrec")
+                              on_log=stage.logger(prefix + "_"), desc=prefix)
     student.requires_grad_(False)
     return history
 
 
 # What `dvc metrics show` compares; timings, per-family accuracy and the allocation go to the report.
-HEADLINE = ["bits.bits_per_weight", "results.*.accuracy_base", "results.*.ppl", "gap_closed.*.accuracy_base"]
+HEADLINE = ["bits.bits_per_weight", "results.*.accuracy_base", "results.*.ci95.accuracy_base.*", "results.*.ppl",
+            "results.*.bits_per_weight", "gap_closed.*.accuracy_base", "gap_closed.*.ppl"]
+# The share of the gap to full precision is measured from RTN at the final model's bits (the ILP
+# spends them on weights alone), not from RTN at the same format, which stores fewer bits.
+GAP_BASELINE = "rtn_matched"
 
 
 def run(params: QuantizeParams, model: str | Path, base: str | Path, data: str | Path, out: str | Path,
@@ -157,31 +177,51 @@ def run(params: QuantizeParams, model: str | Path, base: str | Path, data: str |
         else:
             formats = {n: (params.bits, params.group) for n in linears}
         evaluate = lambda m, **kw: evaluate_suite(m, tokenizer, data, batch_size=params.eval_batch_size, **kw)  # noqa: E731
-        results = {"full_precision": evaluate(fp_model)}
-        if params.compare and rank > 0:
-            rtn = quantize_model(copy.deepcopy(fp_model), decompose(weights, factors, formats, 0, params.lq_iters),
-                                 formats)
-            results["rtn"] = evaluate(rtn)
+        own_bits = lambda m: {"bits_per_weight": bits_report(m)["bits_per_weight"]}  # noqa: E731
+        dtype_bits = 8 * next(fp_model.parameters()).element_size()
+        results = {"full_precision": {**evaluate(fp_model), "bits_per_weight": float(dtype_bits)}}
+        compare = params.compare and rank > 0
+        if compare:  # RTN at the same format (rank 0: fewer bits than the corrected model)
+            rtn_parts = decompose(weights, factors, formats, 0, params.lq_iters)
+            rtn = quantize_model(copy.deepcopy(fp_model), rtn_parts, formats)
+            results["rtn"] = {**evaluate(rtn), **own_bits(rtn)}
             del rtn
         student = quantize_model(copy.deepcopy(fp_model), decompose(weights, factors, formats, rank, params.lq_iters),
                                  formats)
         quantize_seconds = time.perf_counter() - started
         name = "lq_lora" if rank > 0 else "rtn"
-        results[name] = evaluate(student)
+        bits = bits_report(student)
+        results[name] = {**evaluate(student), "bits_per_weight": bits["bits_per_weight"]}
+        if compare:  # RTN at matched bits: the ILP spends the corrected model's bits on weights alone
+            matched_formats, measured["rtn_matched_allocation"] = choose_formats(
+                weights, factors, sorted({*params.choices, *formats.values()}), 0, bits["bits_per_weight"],
+                params.lq_iters)
+            matched = quantize_model(copy.deepcopy(fp_model),
+                                     decompose(weights, factors, matched_formats, 0, params.lq_iters), matched_formats)
+            results["rtn_matched"] = {**evaluate(matched), **own_bits(matched)}
+            measured["rtn_matched_formats"] = _format_counts(matched_formats)
+            del matched
         history = {}
         if rank > 0 and params.lrec.steps > 0:
             teacher = fp_model if params.lrec.teacher == "input" else load_model(base_dir, device=stage.device)[0]
             history, name = correct_errors(student, teacher, tokenizer, params, data, stage), "lq_lora_lrec"
+            if compare:  # the control: same recipe from RTN + zero-product factors (initialisation vs training)
+                control = quantize_model(copy.deepcopy(fp_model), zero_init_factors(rtn_parts, rank, params.seed),
+                                         formats)
+                control_history = correct_errors(control, teacher, tokenizer, params, data, stage,
+                                                 checkpoints=stage.checkpoints / "rtn_lrec", prefix="rtn_lrec")
+                results["rtn_lrec"] = {**evaluate(control), **own_bits(control)}
+                measured.update({"rtn_lrec_steps": len(control_history["losses"]),
+                                 "rtn_lrec_seconds": control_history["seconds"]})
+                del control
         with stage.output() as tmp:
             save_quantized(student, tokenizer, source, tmp)
             write_provenance(tmp, "quantize", params.model_dump(), parent=source)
-        results[name] = evaluate(student, model_dir=out)
-        bits = bits_report(student)
-        measured.update({"bits": bits, "formats": {f"{b}-bit g{g}": sum(1 for v in formats.values() if v == (b, g))
-                                                 for b, g in sorted(set(formats.values()))},
-                       "quantize_seconds": quantize_seconds, "lrec_seconds": history.get("seconds", 0.0),
-                       "lrec_steps": params.lrec.steps if history else 0, "final": name, "results": results,
-                       "gap_closed": _gap_closed(results)})
+        results[name] = {**evaluate(student, model_dir=out), "bits_per_weight": bits["bits_per_weight"]}
+        measured.update({"bits": bits, "formats": _format_counts(formats),
+                         "quantize_seconds": quantize_seconds, "lrec_seconds": history.get("seconds", 0.0),
+                         "lrec_steps": len(history["losses"]) if history else 0, "final": name, "results": results,
+                         "gap_closed": _gap_closed(results)})
         return stage.finish(measured, plots=bits_plot(formats, params.targets, bits, Path(plots), params.budget),
                             headline=HEADLINE)
 
@@ -211,18 +251,24 @@ def _layer(name: str) -> int:
     return int(name.split(".layers.")[1].split(".")[0])
 
 
-def _gap_closed(results: dict) -> dict:
-    """Share of the RTN -> full-precision gap the corrected model closes (accuracy and perplexity)."""
-    fp, rtn = results.get("full_precision"), results.get("rtn")
+def _format_counts(formats: dict[str, tuple[int, int]]) -> dict[str, int]:
+    return {f"{b}-bit g{g}": sum(1 for v in formats.values() if v == (b, g)) for b, g in sorted(set(formats.values()))}
+
+
+def _gap_closed(results: dict, baseline: str = GAP_BASELINE) -> dict:
+    """{baseline: {column.metric: share}}: the share of the baseline -> full-precision gap each
+    column closes (accuracy and perplexity); 1 is full precision, above 1 beats it. Empty without
+    the baseline (compare off)."""
+    fp, base = results.get("full_precision"), results.get(baseline)
     out = {}
-    for name in ("lq_lora", "lq_lora_lrec"):
-        if rtn is None or results.get(name) is None:
+    for name in ("lq_lora", "lq_lora_lrec", "rtn_lrec"):
+        if base is None or results.get(name) is None:
             continue
         for key in ("accuracy_base", "ppl"):
-            gap = fp[key] - rtn[key]
+            gap = fp[key] - base[key]
             if abs(gap) > 1e-9:
-                out[f"{name}.{key}"] = (results[name][key] - rtn[key]) / gap
-    return out
+                out[f"{name}.{key}"] = (results[name][key] - base[key]) / gap
+    return {baseline: out} if out else {}
 
 
 def suite_files(params: QuantizeParams) -> list[str]:

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from slimforge import SlimforgeError
@@ -201,6 +202,17 @@ def test_stage_end_to_end(tmp_path, suite_dir, tokenizer, prune_weights):
     assert m["results"]["pruned_adapter"]["params"] < m["results"]["base"]["params"]
     assert m["training"]["loram"]["state_bytes"] < m["training"]["full_lora"]["state_bytes"]
     assert 0 < m["state_bytes_ratio"] < 1 and m["tokens_per_s_ratio"] > 0
+    for variant in m["results"].values():  # every variant scored on lora_val too: what ablations select on
+        assert 0 <= variant["accuracy_lora_val"] <= 1 and set(variant["accuracy_val"]) == {"add3"}
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    recovered = metrics["results"]["recovered"]
+    assert set(recovered) == {"accuracy_lora", "accuracy_lora_val", "ci95"}
+    assert recovered["ci95"]["accuracy_lora"]["lo"] <= recovered["accuracy_lora"] <= recovered["ci95"]["accuracy_lora"]["hi"]
+    aligned = m["training"]["align"]  # alignment's cost, beside the LoRA trainings'
+    assert aligned["seconds"] > 0 and aligned["tokens_per_s"] > 0
+    assert (aligned["peak_memory_bytes"] is None) == (m["training"]["loram"]["peak_memory_bytes"] is None)  # CUDA only
+    assert aligned["state_bytes"] > m["training"]["loram"]["state_bytes"]  # full-parameter, teacher resident
+    assert m["loram_with_align_seconds_ratio"] > m["align_seconds_ratio"] > 0 and m["align_state_bytes_ratio"] > 0
     assert (tmp_path / "lora" / "pruned_adapter" / "adapter_model.safetensors").exists()
     full = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
     assert full["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 64)
@@ -314,3 +326,109 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(tmp_path, suite_dir, tok
     resumed, straight = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("lora", "again"))
     assert resumed.keys() == straight.keys()
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in resumed)  # as if never killed
+
+
+def test_each_training_holds_only_the_model_it_trains(tmp_path, suite_dir, tokenizer, monkeypatch):
+    """The CUDA peak of a training is that training's own: while LoRA trains on the small model the
+    base (alignment's teacher) is gone, and while full-model LoRA trains no other base copy (the one
+    the recovered adapter was scored on) is alive; alignment holds its student and its teacher."""
+    import gc
+    import weakref
+
+    from stages.lora import stage
+
+    created = []  # weak references to every model the stage builds
+
+    def tracked(fn):
+        def wrapper(*a, **k):
+            out = fn(*a, **k)
+            model = out[0] if isinstance(out, tuple) else out
+            created.append(weakref.ref(model))
+            return out
+        return wrapper
+
+    def alive():
+        gc.collect()
+        return [m for m in (r() for r in created) if m is not None]
+
+    seen = {}
+    real_lora, real_align = stage.train_lora, stage.align
+
+    def spy_lora(model, *a, desc, **k):
+        seen[desc] = alive()
+        assert len(seen[desc]) == 1 and seen[desc][0] is model, f"{desc}: {len(seen[desc])} models alive"
+        seen[desc] = None
+        return real_lora(model, *a, desc=desc, **k)
+
+    def spy_align(model, params, data_dir, tokenizer, ckpt, fingerprint, teacher, rows):
+        held = alive()
+        assert len(held) == 2 and any(m is model for m in held) and any(m is teacher for m in held)
+        seen["align"] = None
+        del held
+        return real_align(model, params, data_dir, tokenizer, ckpt, fingerprint, teacher, rows)
+
+    monkeypatch.setattr(stage, "load_model", tracked(stage.load_model))
+    monkeypatch.setattr(stage, "prune_model", tracked(stage.prune_model))
+    monkeypatch.setattr(stage, "train_lora", spy_lora)
+    monkeypatch.setattr(stage, "align", spy_align)
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
+    m = run(_params(suite_dir, tmp_path / "pruned"), base_dir, suite_dir, tmp_path / "lora", tmp_path / "m.json",
+            tmp_path / "p")
+    assert set(seen) == {"align", "loram", "full_lora"} and "full_lora" in m["training"]
+
+
+def test_val_accuracy_needs_every_family(tmp_path, caplog):
+    from stages.lora.stage import _macro, val_records
+
+    (tmp_path / "lora_val.jsonl").write_text('{"prompt": "1+1+1=", "response": "3", "answer": "3", "family": "add3"}\n')
+    assert [r["family"] for r in val_records(tmp_path, ["add3"])] == ["add3"]
+    assert _macro({"add3": 0.5}, ["add3"]) == 0.5
+    assert val_records(tmp_path, ["add3", "at"]) and "no validation problems for at" in caplog.text
+    assert _macro({"add3": 0.5}, ["add3", "at"]) is None  # a partial mean would not compare with test's
+    assert val_records(tmp_path / "nowhere", ["add3"]) == []
+
+
+def test_every_ablation_row_is_a_valid_params_file_on_the_defaults():
+    from experiments.lora_ablation import ROWS, row_params
+    from tests.conftest import REPO
+
+    rows = sorted((REPO / "params" / "ablations" / "lora").glob("*.yaml"))
+    assert len(rows) >= 12 and ROWS == "params/ablations/lora/*.yaml"
+    parsed = {r.stem: row_params(r, REPO / "params" / "lora.yaml")[1] for r in rows}
+    default = parsed["08_selection_hidden_default"]
+    from slimforge.config import load_params
+
+    assert default.model_copy(update={"baselines": True}) == load_params(REPO / "params" / "lora.yaml", LoraParams)
+    assert parsed["01_selection_no_align"].align.steps == 0 and parsed["01_selection_no_align"].align.lr == default.align.lr
+    assert parsed["02_refit_no_align"].prune_weights == "refit"
+    assert all(not p.baselines for p in parsed.values())  # rows compare on val; the baselines do not change
+
+
+def test_ablation_rows_run_and_print_a_val_table(tmp_path, suite_dir, tokenizer, monkeypatch, capsys):
+    from experiments.lora_ablation import main
+
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    _write_pruned(base_dir, tmp_path / "pruned", tokenizer)
+    defaults = tmp_path / "lora.yaml"  # a tiny stand-in for params/lora.yaml
+    defaults.write_text(yaml.safe_dump({**SMALL, "model": str(tmp_path / "pruned"),
+                                        "train_rows": str(suite_dir / "lora_train.jsonl")}))
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "a_default.yaml").write_text("{}\n")
+    (tmp_path / "rows" / "b_no_align.yaml").write_text("align: {steps: 0}\n")
+    args = ["--rows", str(tmp_path / "rows" / "*.yaml"), "--defaults", str(defaults), "--out", str(tmp_path / "out"),
+            "--base", str(base_dir), "--data", str(suite_dir), "--json", str(tmp_path / "table.json")]
+    main(args)
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert [t["row"] for t in table] == ["a_default", "b_no_align"]
+    assert [t["align_steps"] for t in table] == [3, 0]
+    assert all(0 <= t["val_recovered"] <= 1 and 0 <= t["val_pruned_adapter"] <= 1 for t in table)
+    printed = capsys.readouterr().out
+    assert "| a_default | pruned (selection) | 3 |" in printed and "best on lora_val" in printed
+    assert "test" not in printed.split("best on lora_val")[0]  # rows are compared on val only
+    saved = yaml.safe_load((tmp_path / "out" / "b_no_align" / "params.yaml").read_text())
+    assert saved["align"]["steps"] == 0 and saved["align"]["batch_size"] == 8 and saved["baselines"] is False
+    report = json.loads((tmp_path / "out" / "a_default" / "report.json").read_text())
+    assert set(report["results"]) == {"pruned_adapter", "recovered"}
+    main(args)  # a finished row is read back, not trained again
+    assert json.loads((tmp_path / "table.json").read_text()) == table

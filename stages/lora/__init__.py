@@ -18,6 +18,9 @@ model, recover the adapters to the full model's shape, infer with the full model
    (`data/lora/pruned_model`).
 5. Metrics for (a) pruned model + its adapter, (b) base + recovered adapter, loaded back with
    PeftModel.from_pretrained, (c) the untouched base, (d) LoRA trained on the full base with the same
-   data, steps and seed; training memory and tokens/s of both trainings; loss curves. The headline
-   `accuracy_lora` is the macro accuracy over the training rows' own families (lora_test.jsonl).
+   data, steps and seed; training memory and tokens/s of both trainings (each peak its own: models
+   not training are released first) and alignment's cost beside them; loss curves. The headline
+   `accuracy_lora` is the macro accuracy over the training rows' own families (lora_test.jsonl);
+   `accuracy_lora_val` the same on lora_val.jsonl, what ablations (experiments/lora_ablation.py)
+   select on.
 """

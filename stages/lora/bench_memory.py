@@ -8,7 +8,9 @@ depend on the values. LoRAM's model is the same one cut by a uniform plan at `--
 attention (whole KV groups) and MLP channels; QLoRAM's is that pruned model with every decoder
 linear packed to 4 or 2 bits (group 128) on the low-bit kernels. The same PEFT LoRA (rank 16 on all
 seven projections), AdamW, batch and sequence length for every row; peak = the most GPU memory
-allocated during the steps (weights included). Rows with and without activation checkpointing.
+allocated during the steps (weights included); only the row's own model is on the GPU then (the
+full model a pruned row is cut from is freed before its window, and `held_before_gib`, what earlier
+rows left allocated, is reported to show it). Rows with and without activation checkpointing.
 The loss runs the LM head in chunks under checkpointing (fp32 logits of a 128k vocabulary would
 otherwise dominate every row equally and hide what pruning saves).
 """
@@ -101,7 +103,7 @@ def build(config, kind: str, sparsity: float) -> torch.nn.Module:
         model = prune_model(model, uniform_plan(config, sparsity))
         model.requires_grad_(False)
     if kind.startswith("qloram"):
-        model = pack_linears(model, int(kind[-1]), 128)
+        model = pack_linears(model, bits=int(kind[-1]), group=128)
     gc.collect()
     torch.cuda.empty_cache()
     return model
@@ -125,10 +127,11 @@ def main() -> None:
     for ckpt in (False, True):
         full = None
         for kind in ("full", "loram", "qloram4", "qloram2"):
-            model = build(config, kind, args.sparsity)
+            before = torch.cuda.memory_allocated()  # what earlier rows left: 0, or the peaks are not each row's own
+            model = build(config, kind=kind, sparsity=args.sparsity)
             params = sum(p.numel() for p in model.parameters()) / 1e9
-            row = {"model": kind, "checkpointing": ckpt, "dense_params_b": params,
-                   **measure(model, args.batch, args.seq, args.steps, args.rank, ckpt)}
+            row = {"model": kind, "checkpointing": ckpt, "dense_params_b": params, "held_before_gib": before / 2**30,
+                   **measure(model, batch=args.batch, seq=args.seq, steps=args.steps, rank=args.rank, ckpt=ckpt)}
             full = full or row
             row["memory_ratio"] = row["peak_gib"] / full["peak_gib"]
             row["speed_ratio"] = row["tokens_per_s"] / full["tokens_per_s"]

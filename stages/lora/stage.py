@@ -3,7 +3,9 @@ __main__.py (which checks the params before importing this module, so a typo fai
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -11,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimforge import SlimforgeError
-from slimforge.adapters import check_targets, load_adapter, train_lora
+from slimforge.adapters import check_targets, load_adapter, state_bytes, train_lora
 from slimforge.batching import encode_records
-from slimforge.evaluate import evaluate_suite
+from slimforge.evaluate import evaluate, evaluate_suite
 from slimforge.evaluate.harness import eval_files
 from slimforge.io import write_provenance
 from slimforge.losses import causal_lm_loss, distillation_loss
@@ -29,9 +31,13 @@ from stages.lora.recover import recover_state
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
+log = logging.getLogger(__name__)
 
 LORA_TEST = "lora_test.jsonl"
 TEST_FILES = ("test.jsonl", LORA_TEST)  # base families (kept?) and the adapter's families (learned?)
+# Every variant is also scored on the validation problems of the adapter's families: ablations and any
+# "which variant is best" choice read accuracy_lora_val; lora_test is reported, never selected on.
+LORA_VAL = "lora_val.jsonl"
 
 
 def model_kind(folder: Path, base_dir: Path) -> str:
@@ -70,22 +76,52 @@ def small_model(kind: str, folder: Path, params: LoraParams, base: torch.nn.Modu
     return prune_model(base, plan)  # selection only: the base's own weights at the kept positions
 
 
+def uses_teacher(params: LoraParams) -> bool:
+    """Whether alignment distils from the base model (kl_weight or hidden_weight); CE alone does not."""
+    return bool(params.align.kl_weight or params.align.hidden_weight)
+
+
 def align(model: torch.nn.Module, params: LoraParams, data_dir: Path, tokenizer, ckpt: Path, fingerprint: str,
-          teacher: torch.nn.Module, train_rows: list[dict]) -> dict:
+          teacher: torch.nn.Module | None, train_rows: list[dict]) -> dict:
     """LoRAM's alignment, full-parameter: continual pre-training (ce_weight) and/or distillation
     from the full model, of its outputs (kl_weight) and of its residual stream after every layer
     (hidden_weight). The adapters act inside the layers, so a pruned model that computes like the
-    full one inside trains adapters that transfer (README, lora stage, has the measurements)."""
+    full one inside trains adapters that transfer (README, lora stage, has the measurements).
+    `teacher` is needed only with kl_weight or hidden_weight (`uses_teacher`). Returns alignment's
+    cost beside LoRA's: seconds, steady tokens/s, state_bytes (the small model's weights and AdamW
+    moments of what trains, plus the teacher's weights) and the CUDA peak of this window (teacher
+    included: alignment needs it resident)."""
     a = params.align
+    if uses_teacher(params) and teacher is None:
+        raise SlimforgeError("align: kl_weight/hidden_weight distil from the base model, but no teacher was given")
     rows = [r for f in a.files for r in load_records(data_dir / f)] + (train_rows if a.with_train_rows else [])
     examples = encode_records(rows, tokenizer, max_len=params.train.max_len)
     loss_fn = (distillation_loss(teacher, ce_weight=a.ce_weight, kl_weight=a.kl_weight, hidden_weight=a.hidden_weight)
-               if a.kl_weight or a.hidden_weight else causal_lm_loss)
+               if uses_teacher(params) else causal_lm_loss)
     model.requires_grad_(True)
+    cuda = next(model.parameters()).device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     history = train_causal_lm(model, examples, a, loss_fn=loss_fn, pad_id=tokenizer.pad_token_id, seed=params.seed,
                               checkpoint_dir=ckpt, fingerprint=fingerprint, desc="align")
+    held = state_bytes(model) + (_weight_bytes(teacher) if uses_teacher(params) else 0)
     model.requires_grad_(False)
-    return {"steps": a.steps, "seconds": history["seconds"], "final_loss": history["losses"][-1]}
+    return {"steps": a.steps, "seconds": history["seconds"], "tokens_per_s": history["steady_tokens_per_s"],
+            "state_bytes": held, "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "final_loss": history["losses"][-1]}
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
+def release_memory() -> None:
+    """Collect what the caller dropped and hand cached CUDA blocks back, so the next training's
+    peak-memory window starts with only what it holds."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def write_recovered(pruned_adapter: Path, plan: PrunePlan, base_ref: str, params: LoraParams, out: Path) -> None:
@@ -128,14 +164,41 @@ def write_adapters(tmp: Path, trained, kind: str, params: LoraParams, plan: Prun
     write_provenance(tmp, "lora", params.model_dump(), parent=base_dir)
 
 
-def _summary(result: dict, families: list[str]) -> dict:
-    acc = [result["accuracy"][f] for f in families if f in result["accuracy"]]
-    return {"accuracy_lora": sum(acc) / len(acc) if acc else None, "accuracy_base": result.get("accuracy_base"),
-            "ppl": result.get("ppl"), "accuracy": result["accuracy"], "params": result["params"]}
+def _summary(result: dict, families: list[str], val: dict | None = None) -> dict:
+    """One variant's numbers; `result` from evaluate_suite(..., macro={"accuracy_lora": families})."""
+    out = {"accuracy_lora": result.get("accuracy_lora"), "accuracy_base": result.get("accuracy_base"),
+           "ppl": result.get("ppl"), "accuracy": result["accuracy"], "params": result["params"],
+           "n": result["n"], "ci95": {k: v for k, v in result["ci95"].items() if k != "accuracy"},
+           "accuracy_lora_val": None}
+    if val is not None:  # the validation problems of the same families: what ablations select on
+        out["accuracy_lora_val"] = _macro(val["accuracy"], families)
+        out["accuracy_val"] = val["accuracy"]
+    return out
+
+
+def _macro(accuracy: dict, families: list[str]) -> float | None:
+    """Macro accuracy over `families`; None unless every one was scored (a partial mean would not
+    compare with the test headline)."""
+    if not families or any(f not in accuracy for f in families):
+        return None
+    return sum(accuracy[f] for f in families) / len(families)
+
+
+def val_records(data: Path, families: list[str]) -> list[dict]:
+    """lora_val.jsonl's problems of the adapter's families (empty, with a warning, when a family has
+    none there: accuracy_lora_val is then None, and nothing can be selected on it)."""
+    path = data / LORA_VAL
+    records = [r for r in load_records(path, need_answer=True) if r["family"] in families] if path.is_file() else []
+    missing = sorted(set(families) - {r["family"] for r in records})
+    if missing:
+        log.warning("%s has no validation problems for %s: accuracy_lora_val is not reported (add them through the "
+                    "data stage's user_files)", path, ", ".join(missing))
+    return records
 
 
 # What `dvc metrics show` compares; per-family accuracy, memory and timings go to the report.
-HEADLINE = ["results.*.accuracy_lora", "recovered_vs_full_lora", "state_bytes_ratio"]
+HEADLINE = ["results.*.accuracy_lora", "results.*.ci95.accuracy_lora.*", "results.*.accuracy_lora_val",
+            "recovered_vs_full_lora", "state_bytes_ratio"]
 
 
 def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path, metrics: str | Path,
@@ -156,34 +219,52 @@ def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path,
         examples = [e for e in encode_records(rows, tokenizer, max_len=params.train.max_len) if len(e[0]) > e[1]]
         if not examples:
             raise SlimforgeError("no usable training rows: every row's prompt fills max_len, leaving no response tokens")
-        evaluate = lambda m: _summary(evaluate_suite(m, tokenizer, data, batch_size=params.eval_batch_size,  # noqa: E731
-                                                     test_files=TEST_FILES), families)
+        val = val_records(data, families)
+
+        def score(model) -> dict:  # test files (reported) and lora_val (what ablations select on)
+            with torch.no_grad():
+                on_val = evaluate(model, tokenizer, val, batch_size=params.eval_batch_size) if val else None
+            return _summary(evaluate_suite(model, tokenizer, data, batch_size=params.eval_batch_size,
+                                           test_files=TEST_FILES, macro={"accuracy_lora": families}), families, on_val)
+
         lora = lambda model, name: train_lora(  # noqa: E731
             model, examples, params.train, rank=params.rank, alpha=params.alpha, targets=params.targets,
             dropout=params.dropout, seed=params.seed, pad_id=tokenizer.pad_token_id,
             checkpoint_dir=stage.checkpoints / name, fingerprint=stage.fingerprint, on_log=stage.logger(f"{name}_"),
             desc=name)
-        results, training = ({"base": evaluate(base_model)} if params.baselines else {}), {}
+        results, training = ({"base": score(base_model)} if params.baselines else {}), {}
         small = small_model(kind, folder, params, base_model, plan, stage.device)
         small.requires_grad_(False)
+        # From here each training holds only what it trains (and alignment its teacher): the base is
+        # dropped before LoRA on the small model and loaded again, untouched, for what needs it later,
+        # so each CUDA peak is that training's own.
+        teacher = base_model if kind != "base" and params.align.steps and uses_teacher(params) else None
+        base_model = None
+        release_memory()
         if params.align.steps and kind != "base":  # packed weights stay frozen: their factors, norms and
             # embeddings align
             training["align"] = align(small, params, data, tokenizer, stage.checkpoints / "align", stage.fingerprint,
-                                      base_model, rows)
+                                      teacher, rows)
+        teacher = None
+        release_memory()
         name = "loram" if kind != "base" else "lora"
         trained, training[name] = lora(small, name)
         if kind != "base":
-            results["pruned_adapter"] = evaluate(trained)
+            results["pruned_adapter"] = score(trained)
         with stage.output() as tmp:
             write_adapters(tmp, trained, kind, params, plan, tokenizer, base_dir, out, folder)
-        del trained, small
+        trained = small = None
+        release_memory()
         fresh, _ = load_model(base_dir, device=stage.device)  # the product: untouched base + the saved adapter
-        results["recovered" if kind != "base" else "lora"] = evaluate(load_adapter(fresh, out / "adapter"))
-        if params.baselines and kind != "base":  # the base model is still untouched (only read as teacher)
+        results["recovered" if kind != "base" else "lora"] = score(load_adapter(fresh, out / "adapter"))
+        fresh = None
+        release_memory()
+        if params.baselines and kind != "base":  # LoRA on the untouched base, read again from its folder
+            base_model, _ = load_model(base_dir, device=stage.device)
             base_model.requires_grad_(False)
             trained, training["full_lora"] = lora(base_model, "full_lora")
-            results["full_lora"] = evaluate(trained)
-            del trained
+            results["full_lora"] = score(trained)
+            trained = base_model = None
         measured = {"model": kind, "prune_weights": params.prune_weights if kind == "pruned" else None,
                   "families": families, "train_rows": len(examples), "results": results,
                   "training": {k: {m: v for m, v in r.items() if m != "losses"} for k, r in training.items()},
@@ -196,19 +277,26 @@ def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path,
 
 def suite_files(params: LoraParams) -> list[str]:
     """The data stage's files this stage reads besides `train_rows`: alignment text and evaluation."""
-    return sorted({*params.align.files, *eval_files(TEST_FILES)})
+    return sorted({*params.align.files, *eval_files(TEST_FILES), LORA_VAL})
 
 
 def _ratios(results: dict, training: dict) -> dict:
-    """The headline comparisons: recovered vs full-model LoRA accuracy, memory and speed."""
+    """The headline comparisons: recovered vs full-model LoRA accuracy, memory and speed; and LoRAM's
+    whole cost (alignment + LoRA) beside full-model LoRA's."""
     out = {}
     full, rec = results.get("full_lora"), results.get("recovered")
     if full and rec and full["accuracy_lora"]:
         out["recovered_vs_full_lora"] = rec["accuracy_lora"] / full["accuracy_lora"]
-    small, big = training.get("loram"), training.get("full_lora")
+    small, big, aligned = training.get("loram"), training.get("full_lora"), training.get("align")
     if small and big:
         out["state_bytes_ratio"] = small["state_bytes"] / big["state_bytes"]
         out["tokens_per_s_ratio"] = small["tokens_per_s"] / big["tokens_per_s"]
         if small["peak_memory_bytes"] and big["peak_memory_bytes"]:
             out["peak_memory_ratio"] = small["peak_memory_bytes"] / big["peak_memory_bytes"]
+        if aligned:  # alignment is part of LoRAM's price: its own window, teacher resident
+            out["align_seconds_ratio"] = aligned["seconds"] / big["seconds"]
+            out["loram_with_align_seconds_ratio"] = (aligned["seconds"] + small["seconds"]) / big["seconds"]
+            out["align_state_bytes_ratio"] = aligned["state_bytes"] / big["state_bytes"]
+            if aligned["peak_memory_bytes"] and big["peak_memory_bytes"]:
+                out["align_peak_memory_ratio"] = aligned["peak_memory_bytes"] / big["peak_memory_bytes"]
     return out

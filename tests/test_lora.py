@@ -379,7 +379,7 @@ def test_each_training_holds_only_the_model_it_trains(tmp_path, suite_dir, token
 
 
 def test_val_accuracy_needs_every_family(tmp_path, caplog):
-    from stages.lora.stage import _macro, val_records
+    from stages.lora.scores import macro_accuracy as _macro, val_records
 
     (tmp_path / "lora_val.jsonl").write_text('{"prompt": "1+1+1=", "response": "3", "answer": "3", "family": "add3"}\n')
     assert [r["family"] for r in val_records(tmp_path, ["add3"])] == ["add3"]

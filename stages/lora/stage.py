@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -28,16 +27,10 @@ from slimforge.tasks.records import load_records
 from slimforge.training import train_causal_lm
 from stages.lora.params import LoraParams
 from stages.lora.recover import recover_state
+from stages.lora.scores import (LORA_VAL, TEST_FILES, headline_families, ratios, summarize,
+                                val_records)
 
 ADAPTER_FILE = "adapter_model.safetensors"
-
-log = logging.getLogger(__name__)
-
-LORA_TEST = "lora_test.jsonl"
-TEST_FILES = ("test.jsonl", LORA_TEST)  # base families (kept?) and the adapter's families (learned?)
-# Every variant is also scored on the validation problems of the adapter's families: ablations and any
-# "which variant is best" choice read accuracy_lora_val; lora_test is reported, never selected on.
-LORA_VAL = "lora_val.jsonl"
 
 
 def model_kind(folder: Path, base_dir: Path) -> str:
@@ -54,16 +47,6 @@ def model_kind(folder: Path, base_dir: Path) -> str:
     raise SlimforgeError(f"model: {folder} is neither the base folder ({base_dir}), a pruned folder (plan.json) "
                          "nor a quantized one (quantization.json)")
 
-
-def headline_families(rows: list[dict], data: Path) -> list[str]:
-    """The training rows' families, each of which must have test problems in lora_test.jsonl."""
-    families = sorted({r["family"] for r in rows})
-    tested = {r["family"] for r in load_records(data / LORA_TEST, need_answer=True)}
-    missing = [f for f in families if f not in tested]
-    if missing:
-        raise SlimforgeError(f"the training rows' families {missing} have no test problems in {data / LORA_TEST} "
-                             f"(it has: {', '.join(sorted(tested))}); add them there (data stage user_files)")
-    return families
 
 
 def small_model(kind: str, folder: Path, params: LoraParams, base: torch.nn.Module, plan: PrunePlan | None,
@@ -164,38 +147,6 @@ def write_adapters(tmp: Path, trained, kind: str, params: LoraParams, plan: Prun
     write_provenance(tmp, "lora", params.model_dump(), parent=base_dir)
 
 
-def _summary(result: dict, families: list[str], val: dict | None = None) -> dict:
-    """One variant's numbers; `result` from evaluate_suite(..., macro={"accuracy_lora": families})."""
-    out = {"accuracy_lora": result.get("accuracy_lora"), "accuracy_base": result.get("accuracy_base"),
-           "ppl": result.get("ppl"), "accuracy": result["accuracy"], "params": result["params"],
-           "n": result["n"], "ci95": {k: v for k, v in result["ci95"].items() if k != "accuracy"},
-           "accuracy_lora_val": None}
-    if val is not None:  # the validation problems of the same families: what ablations select on
-        out["accuracy_lora_val"] = _macro(val["accuracy"], families)
-        out["accuracy_val"] = val["accuracy"]
-    return out
-
-
-def _macro(accuracy: dict, families: list[str]) -> float | None:
-    """Macro accuracy over `families`; None unless every one was scored (a partial mean would not
-    compare with the test headline)."""
-    if not families or any(f not in accuracy for f in families):
-        return None
-    return sum(accuracy[f] for f in families) / len(families)
-
-
-def val_records(data: Path, families: list[str]) -> list[dict]:
-    """lora_val.jsonl's problems of the adapter's families (empty, with a warning, when a family has
-    none there: accuracy_lora_val is then None, and nothing can be selected on it)."""
-    path = data / LORA_VAL
-    records = [r for r in load_records(path, need_answer=True) if r["family"] in families] if path.is_file() else []
-    missing = sorted(set(families) - {r["family"] for r in records})
-    if missing:
-        log.warning("%s has no validation problems for %s: accuracy_lora_val is not reported (add them through the "
-                    "data stage's user_files)", path, ", ".join(missing))
-    return records
-
-
 # What `dvc metrics show` compares; per-family accuracy, memory and timings go to the report.
 HEADLINE = ["results.*.accuracy_lora", "results.*.ci95.accuracy_lora.*", "results.*.accuracy_lora_val",
             "recovered_vs_full_lora", "state_bytes_ratio"]
@@ -224,7 +175,7 @@ def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path,
         def score(model) -> dict:  # test files (reported) and lora_val (what ablations select on)
             with torch.no_grad():
                 on_val = evaluate(model, tokenizer, val, batch_size=params.eval_batch_size) if val else None
-            return _summary(evaluate_suite(model, tokenizer, data, batch_size=params.eval_batch_size,
+            return summarize(evaluate_suite(model, tokenizer, data, batch_size=params.eval_batch_size,
                                            test_files=TEST_FILES, macro={"accuracy_lora": families}), families, on_val)
 
         lora = lambda model, name: train_lora(  # noqa: E731
@@ -268,7 +219,7 @@ def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path,
         measured = {"model": kind, "prune_weights": params.prune_weights if kind == "pruned" else None,
                   "families": families, "train_rows": len(examples), "results": results,
                   "training": {k: {m: v for m, v in r.items() if m != "losses"} for k, r in training.items()},
-                  **_ratios(results, training)}
+                  **ratios(results, training)}
         curves = {k: r["losses"] for k, r in training.items() if "losses" in r}
         files = write_curve(Path(plots) / "loss", list(range(1, params.train.steps + 1)), curves, "step",
                             "lora: training loss", smooth=10, long=("run", "loss"))
@@ -278,25 +229,3 @@ def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path,
 def suite_files(params: LoraParams) -> list[str]:
     """The data stage's files this stage reads besides `train_rows`: alignment text and evaluation."""
     return sorted({*params.align.files, *eval_files(TEST_FILES), LORA_VAL})
-
-
-def _ratios(results: dict, training: dict) -> dict:
-    """The headline comparisons: recovered vs full-model LoRA accuracy, memory and speed; and LoRAM's
-    whole cost (alignment + LoRA) beside full-model LoRA's."""
-    out = {}
-    full, rec = results.get("full_lora"), results.get("recovered")
-    if full and rec and full["accuracy_lora"]:
-        out["recovered_vs_full_lora"] = rec["accuracy_lora"] / full["accuracy_lora"]
-    small, big, aligned = training.get("loram"), training.get("full_lora"), training.get("align")
-    if small and big:
-        out["state_bytes_ratio"] = small["state_bytes"] / big["state_bytes"]
-        out["tokens_per_s_ratio"] = small["tokens_per_s"] / big["tokens_per_s"]
-        if small["peak_memory_bytes"] and big["peak_memory_bytes"]:
-            out["peak_memory_ratio"] = small["peak_memory_bytes"] / big["peak_memory_bytes"]
-        if aligned:  # alignment is part of LoRAM's price: its own window, teacher resident
-            out["align_seconds_ratio"] = aligned["seconds"] / big["seconds"]
-            out["loram_with_align_seconds_ratio"] = (aligned["seconds"] + small["seconds"]) / big["seconds"]
-            out["align_state_bytes_ratio"] = aligned["state_bytes"] / big["state_bytes"]
-            if aligned["peak_memory_bytes"] and big["peak_memory_bytes"]:
-                out["align_peak_memory_ratio"] = aligned["peak_memory_bytes"] / big["peak_memory_bytes"]
-    return out

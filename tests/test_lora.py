@@ -396,7 +396,7 @@ def test_every_ablation_row_is_a_valid_params_file_on_the_defaults():
     rows = sorted((REPO / "params" / "ablations" / "lora").glob("*.yaml"))
     assert len(rows) >= 12 and ROWS == "params/ablations/lora/*.yaml"
     parsed = {r.stem: row_params(r, REPO / "params" / "lora.yaml")[1] for r in rows}
-    default = parsed["08_selection_hidden_default"]
+    default = parsed["07_selection_hidden_kl_default"]
     from slimforge.config import load_params
 
     assert default.model_copy(update={"baselines": True}) == load_params(REPO / "params" / "lora.yaml", LoraParams)

@@ -25,34 +25,17 @@ from pathlib import Path
 
 import yaml
 
-from slimforge import SlimforgeError
-from slimforge.config import _Loader, parse_params
+from experiments import ablation
 from stages.lora.params import LoraParams
 
 DEFAULTS = "params/lora.yaml"
 ROWS = "params/ablations/lora/*.yaml"
 
 
-def merge(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _read(path: Path) -> dict:
-    data = yaml.load(Path(path).read_text(), Loader=_Loader)
-    return {} if data is None else data
-
-
 def row_params(row: Path, defaults: Path = Path(DEFAULTS)) -> tuple[dict, LoraParams]:
-    """(the merged params as a dict, validated) for one row file; a wrong key fails naming the row."""
-    over = _read(row)
-    if not isinstance(over, dict):
-        raise SlimforgeError(f"{row}: expected a mapping of the keys that differ from {defaults}")
-    merged = merge({**_read(defaults), "baselines": False}, over)  # a row may turn the baselines back on
-    return merged, parse_params(merged, LoraParams, f"{row} (on {defaults})")
+    """(the merged params as a dict, validated) for one row file; a wrong key fails naming the row.
+    Rows run without the baselines unless the row turns them back on."""
+    return ablation.row_params(row, defaults, LoraParams, fixed={"baselines": False})
 
 
 def run_rows(rows: list[Path], out: Path, base: Path, data: Path, defaults: Path = Path(DEFAULTS)) -> list[dict]:

@@ -111,8 +111,8 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_params(path: str | Path, schema: type[S]) -> S:
-    """Read and validate one params YAML file."""
+def read_yaml(path: str | Path) -> Any:
+    """A params-style YAML file as Python data (None when empty), floats read the YAML 1.2 way."""
     path = Path(path)
     if not path.is_file():
         raise SlimforgeError(f"params file {path} not found")
@@ -120,7 +120,12 @@ def load_params(path: str | Path, schema: type[S]) -> S:
         data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         raise SlimforgeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_params(data, schema, str(path))
+    return data
+
+
+def load_params(path: str | Path, schema: type[S]) -> S:
+    """Read and validate one params YAML file."""
+    return parse_params(read_yaml(path), schema, str(path))
 
 
 class Preset(Schedule):
@@ -141,7 +146,7 @@ class Preset(Schedule):
     log_every: int = Field(ge=1, description="steps between logged losses")
 
     @model_validator(mode="after")
-    def _gqa_shapes(self) -> "Preset":
+    def _gqa_shapes(self) -> Preset:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}, "
                              f"and num_heads by num_kv_heads {self.num_kv_heads}")

@@ -6,8 +6,15 @@ import inspect
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from kernels.quant_linear import QuantLinear
 from slimforge import SlimforgeError
@@ -95,5 +102,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def cache_kwarg(model: torch.nn.Module) -> str:
     """Name of the KV-cache argument of `model.forward`: `cache` from transformers 5.2x on,
-    `past_key_values` before (both are in the supported range)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    `past_key_values` before (both are in the supported range). A PEFT wrapper's forward takes
+    **kwargs, so the wrapped model's signature decides."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"

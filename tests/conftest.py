@@ -35,7 +35,7 @@ def _isolated_tracking(tmp_path_factory):
 
 def small_suite(seed: int = 0):
     return build_suite(seed=seed, n_train={"add": 200, "sub": 200, "mul": 200}, n_val=10, n_test=20,
-                       n_judge_train=100, n_judge_test=40, n_lora=(20, 10, 20), n_rl=(20, 20),
+                       n_judge_train=100, n_judge_test=40, n_lora=(20, 10, 20), n_rl=(20, 10, 20),
                        noisy_families=("add3",), n_noisy=100, wrong_fraction=0.3, n_references=20)
 
 

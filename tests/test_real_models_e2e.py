@@ -34,7 +34,7 @@ def _user_rows(n: int, offset: int) -> str:
 def tokenizer():
     """A byte-level BPE trained on arithmetic text only: ' yes', ' no', ' A', ' B' stay split."""
     files, _ = build_suite(seed=0, n_train={"add": 300, "sub": 300, "mul": 300}, n_val=5, n_test=5,
-                           n_judge_train=0, n_judge_test=0, n_lora=(5, 5, 5), n_rl=(5, 5), noisy_families=("add3",),
+                           n_judge_train=0, n_judge_test=0, n_lora=(5, 5, 5), n_rl=(5, 5, 5), noisy_families=("add3",),
                            n_noisy=5, wrong_fraction=0.3, n_references=4)
     tok = build_tokenizer([r["prompt"] + r["response"] for r in files["train.jsonl"]], 280)
     for fmt in VERDICTS:

@@ -76,7 +76,7 @@ def test_held_out_family_appears_only_inside_judge_prompts():
     problem it is trained to answer; the default keeps judge items on the base families."""
     from slimforge.tasks.suite import build_suite
     files, _ = build_suite(seed=0, n_train={"add": 50, "sub": 50, "mul": 50}, n_val=5, n_test=5, n_judge_train=400,
-                           n_judge_test=40, n_lora=(5, 5, 5), n_rl=(5, 5), noisy_families=("add3",), n_noisy=10,
+                           n_judge_test=40, n_lora=(5, 5, 5), n_rl=(5, 5, 5), noisy_families=("add3",), n_noisy=10,
                            wrong_fraction=0.3, n_references=10, judge_families=("add", "add3"))
     fams = Counter((r["family"], r["format"]) for r in files["judge_train.jsonl"])
     assert set(fams) == {(f"judge_{fmt}_{fam}", fmt) for fam in ("add", "add3") for fmt in ("verify", "pairwise")}

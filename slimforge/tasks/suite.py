@@ -17,7 +17,7 @@ Files (under the data stage's output folder):
     judge_train.jsonl, judge_test.jsonl         judge items, verify and pairwise in equal numbers, over
                                                 the judge families (default add, sub, mul)
     lora_train.jsonl, lora_val.jsonl, lora_test.jsonl   held-out LoRA family (add3)
-    rl_train.jsonl, rl_test.jsonl               held-out multi-step family with verifier (chain)
+    rl_train.jsonl, rl_val.jsonl, rl_test.jsonl held-out multi-step family with verifier (chain)
     noisy.jsonl                                 instruction set, ~30% wrong responses, no answers
     references.jsonl                            small labelled reference pool for the judge
 
@@ -36,7 +36,7 @@ from slimforge.tasks.judge import pairwise_record, verify_record
 
 SUITE_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "judge_train.jsonl", "judge_test.jsonl",
                "lora_train.jsonl", "lora_val.jsonl", "lora_test.jsonl", "rl_train.jsonl",
-               "rl_test.jsonl", "noisy.jsonl", "references.jsonl")
+               "rl_val.jsonl", "rl_test.jsonl", "noisy.jsonl", "references.jsonl")
 LABELS_FILE = "noisy_labels.jsonl"
 
 
@@ -102,7 +102,7 @@ def reference_records(families: tuple[str, ...], n: int, gross_fraction: float, 
 
 
 def build_suite(seed: int, n_train: dict[str, int], n_val: int, n_test: int, n_judge_train: int,
-                n_judge_test: int, n_lora: tuple[int, int, int], n_rl: tuple[int, int],
+                n_judge_test: int, n_lora: tuple[int, int, int], n_rl: tuple[int, int, int],
                 noisy_families: tuple[str, ...], n_noisy: int, wrong_fraction: float,
                 n_references: int, gross_fraction: float = 0.5,
                 judge_families: tuple[str, ...] = BASE_FAMILIES) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -128,7 +128,7 @@ def build_suite(seed: int, n_train: dict[str, int], n_val: int, n_test: int, n_j
                                               rng("judge_test"))
     for split, n in zip(("train", "val", "test"), n_lora):
         files[f"lora_{split}.jsonl"] = task_records(LORA_FAMILY, split, n, rng(f"lora:{split}"), unique=True)
-    for split, n in zip(("train", "test"), n_rl):
+    for split, n in zip(("train", "val", "test"), n_rl):
         files[f"rl_{split}.jsonl"] = task_records(RL_FAMILY, split, n, rng(f"rl:{split}"), unique=True)
     files["noisy.jsonl"], labels = noisy_records(noisy_families, n_noisy, wrong_fraction, gross_fraction,
                                                  rng("noisy"))

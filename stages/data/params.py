@@ -19,6 +19,7 @@ class LoraSizes(Schema):
 
 class RlSizes(Schema):
     train: int = Field(2000, ge=0, description="chain (a+b-c) prompts for RL")
+    val: int = Field(300, ge=0, description="chain validation problems (the rl stage selects on them)")
     test: int = Field(500, ge=1, description="chain test problems")
 
 

@@ -13,7 +13,7 @@ from stages.data.params import DataParams
 
 # Files read by exact-match evaluation: a user's replacement must carry answers.
 NEEDS_ANSWER = ("val.jsonl", "test.jsonl", "lora_val.jsonl", "lora_test.jsonl", "rl_train.jsonl",
-                "rl_test.jsonl")
+                "rl_val.jsonl", "rl_test.jsonl")
 
 
 # What `dvc metrics show` compares; the report (--report) keeps every split's count.
@@ -31,7 +31,7 @@ def run(params: DataParams, out: str | Path, labels: str | Path, metrics: str | 
             n_test=params.test_per_family, n_judge_train=params.judge_train,
             n_judge_test=params.judge_test,
             n_lora=(params.lora.train, params.lora.val, params.lora.test),
-            n_rl=(params.rl.train, params.rl.test), noisy_families=tuple(params.noisy.families),
+            n_rl=(params.rl.train, params.rl.val, params.rl.test), noisy_families=tuple(params.noisy.families),
             n_noisy=params.noisy.size, wrong_fraction=params.noisy.wrong_fraction,
             n_references=params.references, gross_fraction=params.gross_fraction,
             judge_families=tuple(params.judge_families))

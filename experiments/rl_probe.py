@@ -41,9 +41,12 @@ def _val_scores(model, tokenizer, data: Path) -> dict:
     return out
 
 
-def probe(config: dict, base: str, lora: str, data: str, threads: int, checkpoints: str) -> dict:
-    """Warm-up + RL for one config; validation accuracy after each (runs in a worker process)."""
+def probe(config: dict, base: str, lora: str, data: str, threads: int, checkpoints: str,
+          cores: list[int] | None = None) -> dict:
+    """Warm-up + RL for one config; validation accuracy after each (runs in a worker process).
+    `cores`: pin this config (and its rollout process, which inherits it) to these CPU cores."""
     import functools
+    import os
 
     import torch
 
@@ -52,8 +55,11 @@ def probe(config: dict, base: str, lora: str, data: str, threads: int, checkpoin
     from slimforge.training import train_causal_lm
     from stages.rl.stage import build_policy, rollout_spec, warmup_examples
 
-    torch.set_num_threads(threads)
     params = parse_params(merge(read_yaml("params/rl.yaml"), config), RlParams, json.dumps(config))
+    if cores:
+        os.sched_setaffinity(0, cores)
+    # asynchronous: the rollout process takes one thread, so the trainer keeps the others
+    torch.set_num_threads(max(1, threads - 1) if params.max_staleness else threads)
     data_dir, started = Path(data), time.perf_counter()
     adapter = str(Path(lora) / "adapter") if params.start == "lora" else None
     make = functools.partial(build_policy, base, adapter, params.rank, params.alpha, tuple(params.targets), params.seed)
@@ -74,7 +80,10 @@ def probe(config: dict, base: str, lora: str, data: str, threads: int, checkpoin
     result["rl"] = _val_scores(policy, tokenizer, data_dir)
     history = rl.pop("history")
     result["train"] = {**rl, "correct_first10": sum(h["correct"] for h in history[:10]) / max(1, len(history[:10])),
-                       "correct_last10": sum(h["correct"] for h in history[-10:]) / max(1, len(history[-10:]))}
+                       "correct_last10": sum(h["correct"] for h in history[-10:]) / max(1, len(history[-10:])),
+                       "pass_at_g_mean": sum(h["pass_at_g"] for h in history) / max(1, len(history)),
+                       "distinct_mean": sum(h["distinct"] for h in history) / max(1, len(history)),
+                       "correct_curve": [round(h["correct"], 4) for h in history]}
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -89,14 +98,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads per config")
     ap.add_argument("--checkpoints", default="/tmp/rl_probe")
+    ap.add_argument("--pin", action="store_true", help="pin config i to cores [i*threads, (i+1)*threads) "
+                    "(a fair per-config machine: e.g. 2 cores each, as on the CI machine)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     configs = json.loads(args.configs)
     for c in configs:  # all validated before any runs
         parse_params(merge(read_yaml("params/rl.yaml"), c), RlParams, json.dumps(c))
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(probe, c, args.base, args.lora, args.data, args.threads, args.checkpoints)
-                   for c in configs]
+        futures = [pool.submit(probe, c, args.base, args.lora, args.data, args.threads, args.checkpoints,
+                               list(range(i % args.jobs * args.threads, (i % args.jobs + 1) * args.threads))
+                               if args.pin else None)
+                   for i, c in enumerate(configs)]
         results = []
         for f in futures:
             r = f.result()

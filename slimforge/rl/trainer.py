@@ -129,8 +129,12 @@ def train_rl(policy: torch.nn.Module, tokenizer, spec: RolloutSpec, schedule: Sc
             generated = int(r.completion_mask.sum())
             rollout_tokens += generated
             train_tokens += int(r.completion_mask[keep].sum()) * num_iterations
+            groups = batch["correct"].view(-1, G)
+            distinct = [len(set(r.completions[i * G:(i + 1) * G])) / G for i in range(len(groups))]
             history.append({"step": step + 1, "reward": float(rewards.mean()),
                             "correct": float(batch["correct"].float().mean()),
+                            "pass_at_g": float(groups.any(dim=1).float().mean()),  # a group with >= 1 right
+                            "distinct": sum(distinct) / len(distinct),  # share of a group's samples that differ
                             "completion_length": generated / len(r), "kept": float(keep.float().mean()),
                             "samples": int(keep.sum()), "failed": failed_now, "staleness": step - version, **logs})
             bar.update(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from slimforge import SlimforgeError
 from slimforge.adapters import add_lora
 from stages.rl.params import RlParams
+from tests.conftest import REPO
 from tests.helpers import save_tiny
 
 SMALL = {"start": "base", "rank": 2, "warmup": {"rows": 10, "steps": 4, "batch_size": 8, "checkpoint_every": 2},
@@ -103,8 +105,50 @@ def test_bad_input_fails_before_any_work(tmp_path, suite_dir, tokenizer):
         _run(_params(reward="nowhere:f"), base_dir, suite_dir, tmp_path / "rl")
     with pytest.raises(SlimforgeError, match="has no function 'nope'"):
         _run(_params(reward="slimforge.tasks.families:nope"), base_dir, suite_dir, tmp_path / "rl")
+    with pytest.raises(SlimforgeError, match="exceeds the model's context of 128 tokens"):
+        _run(_params(max_completion_length=125), base_dir, suite_dir, tmp_path / "rl")
     with pytest.raises(ValueError, match="module:function"):
         _params(reward="not a spec")
     with pytest.raises(ValueError, match="epsilon_high"):
         _params(epsilon=0.3, epsilon_high=0.2)
     assert not (tmp_path / "rl").exists()
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, suite_dir, tokenizer, monkeypatch):
+    from slimforge.rl import trainer
+
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    real, seen = trainer.policy_loss, []
+
+    def nan_at_step_3(*a, **k):
+        seen.append(1)
+        loss, logs = real(*a, **k)
+        return (loss * float("nan"), logs) if len(seen) >= 3 else (loss, logs)
+
+    monkeypatch.setattr(trainer, "policy_loss", nan_at_step_3)
+    params = _params(warmup={"rows": 0}, dynamic_sampling=False)  # every step updates
+    with pytest.raises(SlimforgeError, match="the loss is nan at step 3; the last checkpoint is kept"):
+        _run(params, base_dir, suite_dir, tmp_path / "rl")
+    assert not (tmp_path / "rl").exists()
+    assert any((tmp_path / ".checkpoints" / "rl" / "rl").iterdir())  # step 2's state, for the rerun
+
+
+def test_the_probe_reads_only_validation_files_and_reports_both_phases(tmp_path, suite_dir, tokenizer, monkeypatch):
+    import sys
+
+    from experiments.rl_probe import VAL_FILES, probe
+
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    opened, recording = [], [True]  # every file opened, whichever module opens it (an audit hook)
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if recording[0] and event == "open" else None)
+    monkeypatch.chdir(REPO)  # the probe merges its configs onto params/rl.yaml
+    config = {**SMALL, "warmup": {**SMALL["warmup"], "rows": 4}}
+    try:
+        result = probe(config, str(base_dir), str(tmp_path / "no_lora"), str(suite_dir), 1, str(tmp_path / "ck"))
+    finally:
+        recording[0] = False
+    assert set(result["warmup"]) == set(result["rl"]) == {*VAL_FILES, *(f"{k}_ci95" for k in VAL_FILES)}
+    assert len(result["train"]["correct_curve"]) == 4
+    suite_reads = {Path(p).name for p in opened if Path(p).parent == suite_dir}
+    assert {"rl_val.jsonl", "val.jsonl", "lora_val.jsonl", "rl_train.jsonl"} <= suite_reads
+    assert not [f for f in suite_reads if "test" in f]  # selection never reads a test file

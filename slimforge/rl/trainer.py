@@ -110,7 +110,8 @@ def train_rl(policy: torch.nn.Module, tokenizer, spec: RolloutSpec, schedule: Sc
             staleness[step - version] += 1
             failed_now = int((~batch["valid"]).sum())
             failed += failed_now
-            latr.update({k: v for k, v in batch["stats"].items() if isinstance(v, (int, float))})
+            latr.update({k: v for k, v in batch["stats"].items()  # counts add up over steps; means do not
+                         if isinstance(v, int) and "per_prompt" not in k})
             advantages = group_advantages(rewards, G, scale=scale_rewards)
             keep = _group_mask(batch["valid"], G)
             if dynamic_sampling:

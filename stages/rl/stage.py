@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from slimforge import SlimforgeError
 from slimforge.adapters import add_lora, load_adapter
 from slimforge.batching import encode_records
 from slimforge.evaluate import evaluate, evaluate_suite
@@ -65,6 +66,16 @@ def rollout_spec(params: RlParams, data: Path) -> RolloutSpec:
                        latr={k: v for k, v in params.latr.model_dump().items() if not k.startswith("share")})
 
 
+def check_context(spec: RolloutSpec, tokenizer, context: int) -> None:
+    """Refuse (before any training) a prompt that leaves no room for max_completion_length new
+    tokens: truncating a prompt would change the question the verifier checks the answer of."""
+    longest = max(len(tokenizer(p)["input_ids"]) for p, _ in spec.prompts)
+    if longest + spec.max_new_tokens > context:
+        raise SlimforgeError(f"{RL_TRAIN}: the longest prompt has {longest} tokens; with max_completion_length "
+                             f"{spec.max_new_tokens} that exceeds the model's context of {context} tokens "
+                             "(shorten the prompts or lower max_completion_length)")
+
+
 def run(params: RlParams, base: str | Path, lora: str | Path, data: str | Path, out: str | Path,
         metrics: str | Path, plots: str | Path, report: str | Path | None = None) -> dict:
     load_reward(params.reward)  # a wrong module:function fails before any work
@@ -75,6 +86,8 @@ def run(params: RlParams, base: str | Path, lora: str | Path, data: str | Path, 
         policy = build_policy(str(base_dir), adapter, params.rank, params.alpha, tuple(params.targets), params.seed,
                               stage.device)
         tokenizer = load_model(base_dir, device="cpu")[1]
+        spec = rollout_spec(params, data)
+        check_context(spec, tokenizer, policy.config.max_position_embeddings)
         val = load_records(data / RL_VAL, need_answer=True)
 
         def score(model) -> dict:  # test files (reported) and rl_val (what a choice between rows reads)
@@ -95,7 +108,6 @@ def run(params: RlParams, base: str | Path, lora: str | Path, data: str | Path, 
                                       on_log=stage.logger("warmup_"), desc="warmup")
             training["warmup"] = {"seconds": history["seconds"], "final_loss": history["losses"][-1]}
             results["warmup"] = score(policy)
-        spec = rollout_spec(params, data)
         rl = train_rl(policy, tokenizer, spec, params.train, checkpoint_dir=stage.checkpoints / "rl",
                       fingerprint=stage.fingerprint, loss_type=params.loss_type, epsilon=params.epsilon,
                       epsilon_high=params.epsilon_high, beta=params.beta, num_iterations=params.num_iterations,

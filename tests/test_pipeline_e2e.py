@@ -14,7 +14,7 @@ from tests.helpers import copy_source_tree, git_commit_all
 
 TINY_DATA = {"train_per_family": {"add": 150, "sub": 150, "mul": 150}, "val_per_family": 10,
              "test_per_family": 15, "judge_train": 60, "judge_test": 20,
-             "lora": {"train": 10, "val": 5, "test": 10}, "rl": {"train": 10, "test": 10},
+             "lora": {"train": 10, "val": 5, "test": 10}, "rl": {"train": 10, "val": 5, "test": 10},
              "noisy": {"families": ["add3"], "size": 40, "wrong_fraction": 0.3}, "references": 10}
 
 
@@ -29,8 +29,14 @@ TINY_LORA = {"train": {"steps": 5, "batch_size": 8, "warmup_steps": 1, "checkpoi
              "align": {"steps": 3, "batch_size": 8}, "eval_batch_size": 64}
 
 
+TINY_RL = {"warmup": {"rows": 10, "steps": 3, "batch_size": 8, "checkpoint_every": 0},
+           "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 0},
+           "num_generations": 2, "max_completion_length": 3, "eval_batch_size": 64}
+
+
 TINY = {"data": TINY_DATA, "base": {"preset": "test"}, "prune": TINY_PRUNE, "quantize": TINY_QUANTIZE,
-        "filter": TINY_FILTER, "lora": TINY_LORA}
+        "filter": TINY_FILTER, "lora": TINY_LORA, "rl": TINY_RL}
+STAGES = ("data", "base", "prune", "quantize", "filter", "lora", "rl")
 
 
 def write_params(clone: Path, updates: dict[str, dict]) -> None:
@@ -57,7 +63,7 @@ def _repro(clone):
 def test_dvc_repro_then_nothing_to_do(clone):
     first = _repro(clone)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert all(f"Running stage '{s}'" in first.stdout for s in ("data", "base", "prune", "quantize", "filter", "lora"))
+    assert all(f"Running stage '{s}'" in first.stdout for s in STAGES)
     metrics, report = (json.loads((clone / f"{d}/base.json").read_text()) for d in ("metrics", "reports"))
     assert set(metrics["accuracy"]) >= {"add", "sub", "mul"} and report["train"]["steps"] == 30
     assert "train" not in metrics and "eval_seconds" not in metrics  # timings stay out of `dvc metrics show`
@@ -71,13 +77,15 @@ def test_dvc_repro_then_nothing_to_do(clone):
     assert set(filtered["detection"]) == {"meta_ranking"} and (clone / "data/filtered/filtered.jsonl").exists()
     lora = json.loads((clone / "metrics/lora.json").read_text())
     assert {"recovered", "full_lora"} <= set(lora["results"]) and (clone / "data/lora/adapter/adapter_config.json").exists()
+    rl = json.loads((clone / "metrics/rl.json").read_text())
+    assert set(rl["results"]) == {"start", "warmup", "rl"} and (clone / "data/rl/adapter/adapter_config.json").exists()
     second = _repro(clone)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     write_params(clone, {"data": {**TINY_DATA, "lora": {**TINY_DATA["lora"], "train": 12}}})  # new LoRA rows only
     third = _repro(clone)
     assert third.returncode == 0, third.stdout + third.stderr
-    ran = {s for s in ("data", "base", "prune", "quantize", "filter", "lora") if f"Running stage '{s}'" in third.stdout}
-    assert ran == {"data", "lora"}, third.stdout  # per-file deps: nothing else read lora_train.jsonl
+    ran = {s for s in STAGES if f"Running stage '{s}'" in third.stdout}
+    assert ran == {"data", "lora", "rl"}, third.stdout  # per-file deps: only lora and rl (replay) read lora_train
 
 
 def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
@@ -92,7 +100,7 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
         from prefect.artifacts import Artifact
 
         artifact = Artifact.get("slimforge-stage-metrics")
-    assert set(results) == {"data", "base", "prune", "quantize", "filter", "lora"}
+    assert set(results) == set(STAGES)
     assert "accuracy_base" in results["base"] and "train" not in results["base"]  # the flow reads the headline files
     assert json.loads((clone / "reports/base.json").read_text())["train"]["steps"] == 30
     assert artifact is not None and "accuracy_base" in str(artifact.data)
@@ -103,4 +111,4 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("slimforge.stage") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["slimforge.stage"] for r in children) == ["base", "data", "filter", "lora", "prune", "quantize"]
+    assert sorted(r.data.tags["slimforge.stage"] for r in children) == sorted(STAGES)

@@ -70,7 +70,7 @@ def test_every_stage_runs_on_a_real_model_folder(clone, tokenizer, tmp_path, nam
     write_params(clone, {"model": {"source": str(source), "dtype": dtype}})
     run = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for stage in ("base", "prune", "quantize", "filter", "lora"):
+    for stage in ("base", "prune", "quantize", "filter", "lora", "rl"):
         assert f"Running stage '{stage}'" in run.stdout, stage
     assert (clone / "plots/base/loss.png").exists()  # declared for a loaded model too
     lora = json.loads((clone / "reports/lora.json").read_text())

@@ -12,10 +12,12 @@ from stages.filter.params import FilterParams
 from stages.lora.params import LoraParams
 from stages.prune.params import PruneParams
 from stages.quantize.params import QuantizeParams
+from stages.rl.params import RlParams
 from tests.conftest import REPO
 
 SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams,
-           "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams, "lora.yaml": LoraParams}
+           "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams, "lora.yaml": LoraParams,
+           "rl.yaml": RlParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

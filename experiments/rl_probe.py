@@ -53,7 +53,7 @@ def probe(config: dict, base: str, lora: str, data: str, threads: int, checkpoin
     from slimforge.modeling import load_model
     from slimforge.rl.trainer import train_rl
     from slimforge.training import train_causal_lm
-    from stages.rl.stage import build_policy, rollout_spec, warmup_examples
+    from stages.rl.stage import build_policy, ptx_args, rollout_spec, warmup_examples
 
     params = parse_params(merge(read_yaml("params/rl.yaml"), config), RlParams, json.dumps(config))
     if cores:
@@ -76,7 +76,8 @@ def probe(config: dict, base: str, lora: str, data: str, threads: int, checkpoin
                   loss_type=params.loss_type, epsilon=params.epsilon, epsilon_high=params.epsilon_high,
                   beta=params.beta, num_iterations=params.num_iterations, scale_rewards=params.scale_rewards,
                   dynamic_sampling=params.dynamic_sampling, max_staleness=params.max_staleness,
-                  behaviour_cap=params.behaviour_cap, build_policy=make, tokenizer_dir=base)
+                  behaviour_cap=params.behaviour_cap, build_policy=make, tokenizer_dir=base,
+                  **ptx_args(params, data_dir, tokenizer))
     result["rl"] = _val_scores(policy, tokenizer, data_dir)
     history = rl.pop("history")
     result["train"] = {**rl, "correct_first10": sum(h["correct"] for h in history[:10]) / max(1, len(history[:10])),

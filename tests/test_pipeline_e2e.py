@@ -29,7 +29,7 @@ TINY_LORA = {"train": {"steps": 5, "batch_size": 8, "warmup_steps": 1, "checkpoi
              "align": {"steps": 3, "batch_size": 8}, "eval_batch_size": 64}
 
 
-TINY_RL = {"warmup": {"rows": 10, "steps": 3, "batch_size": 8, "checkpoint_every": 0},
+TINY_RL = {"warmup": {"rows": 6, "steps": 3, "batch_size": 8, "checkpoint_every": 0},
            "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 0},
            "num_generations": 2, "max_completion_length": 3, "eval_batch_size": 64}
 

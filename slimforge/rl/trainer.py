@@ -3,8 +3,11 @@
 Each step takes one rollout batch (`batch.make_batch`: P prompts x G samples, rewards), computes
 group-normalised advantages, drops groups whose rewards are all equal (DAPO's dynamic sampling) or
 whose verifier failed, and makes `num_iterations` policy updates with the clipped loss
-(`losses.policy_loss`). Only the adapter trains; the reference for the KL term is the same model
-with the adapter disabled.
+(`losses.policy_loss`). Only the adapter trains; the reference for the KL term is the policy as RL
+found it (the adapter's weights at step 0: after a supervised warm-up that is the warmed-up policy,
+without one it is the model with the adapter off). Optionally (InstructGPT's PPO-ptx) each update
+adds `replay_coef` x the supervised loss on a seeded batch of replay rows, so the adapter keeps
+what the policy knew on other tasks.
 
 Synchronous (max_staleness 0): the trainer generates each batch itself with the current policy.
 Asynchronous (AReaL, max_staleness eta > 0): a rollout process generates batch b with whatever
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import math
 import time
 import warnings
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 from slimforge import SlimforgeError
+from slimforge.batching import collate
 from slimforge.checkpoint import load_checkpoint, save_checkpoint
 from slimforge.cli_util import progress
 from slimforge.config import Schedule
@@ -71,21 +76,24 @@ def train_rl(policy: torch.nn.Module, tokenizer, spec: RolloutSpec, schedule: Sc
              beta: float = 0.0, num_iterations: int = 1, scale_rewards: bool = True, dynamic_sampling: bool = True,
              max_staleness: int = 0, behaviour_cap: float | None = 5.0,
              build_policy: Callable[[], torch.nn.Module] | None = None, tokenizer_dir: str | None = None,
+             replay: list[tuple[list[int], int]] | None = None, replay_coef: float = 0.0, replay_batch_size: int = 32,
              on_log: Callable[[int, dict], None] | None = None, desc: str = "rl") -> dict:
     """Train `policy`'s adapter (its requires_grad parameters) for `schedule.steps` steps of
     `spec.prompts_per_step` prompts. Asynchronous mode (max_staleness > 0) needs `build_policy`
     (a picklable callable that builds the same model in the rollout process) and `tokenizer_dir`.
     Returns {"history": per-step metrics, "staleness": {k: batches}, "failed_rewards", "seconds",
     "samples_per_s" (samples in updates per second), "rollout_tokens_per_s", "train_tokens_per_s",
-    "latr": summed LATR statistics, "resumed_from"}."""
+    "latr": summed LATR statistics, "resumed_from"}. `replay`: encoded (ids, n_prompt) rows for the
+    PPO-ptx term (`replay_coef` > 0), `replay_batch_size` of them per update."""
     if max_staleness and (build_policy is None or tokenizer_dir is None):
         raise SlimforgeError("max_staleness > 0 runs rollouts in another process: give build_policy and tokenizer_dir")
     G, steps = spec.num_generations, schedule.steps
     optimizer = make_optimizer(policy, schedule.lr, schedule.weight_decay)
     scheduler = make_scheduler(optimizer, steps, min(schedule.warmup_steps, steps), schedule.min_lr_ratio)
-    history, start = [], 0
+    history, start, reference = [], 0, trainable_state(policy)
     state = load_checkpoint(checkpoint_dir, fingerprint)
     if state is not None:
+        reference = state["reference"]
         policy.load_state_dict(state["adapter"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -119,7 +127,9 @@ def train_rl(policy: torch.nn.Module, tokenizer, spec: RolloutSpec, schedule: Sc
             logs = _update(policy, trainable, optimizer, r.select(keep), advantages[keep], spec, schedule, step,
                            loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
                            num_iterations=num_iterations, decoupled=bool(max_staleness),
-                           behaviour_cap=behaviour_cap) if keep.any() else {}
+                           behaviour_cap=behaviour_cap, reference=reference,
+                           replay=_replay_batch(replay, replay_batch_size, spec.seed, step, tokenizer.pad_token_id)
+                           if replay and replay_coef > 0 else None, replay_coef=replay_coef) if keep.any() else {}
             with warnings.catch_warnings():  # a step whose groups were all dropped made no update: the
                 warnings.simplefilter("ignore", UserWarning)  # schedule still follows the step count
                 scheduler.step()
@@ -144,7 +154,7 @@ def train_rl(policy: torch.nn.Module, tokenizer, spec: RolloutSpec, schedule: Sc
                 on_log(step + 1, {k: v for k, v in history[-1].items() if k != "step"})
             if schedule.checkpoint_every and (step + 1) % schedule.checkpoint_every == 0 and step + 1 < steps:
                 save_checkpoint(checkpoint_dir, {"adapter": trainable_state(policy), "optimizer": optimizer.state_dict(),
-                                                 "scheduler": scheduler.state_dict(), "step": step + 1,
+                                                 "scheduler": scheduler.state_dict(), "step": step + 1, "reference": reference,
                                                  "history": history, "fingerprint": fingerprint})
     bar.close()
     seconds = time.perf_counter() - started
@@ -156,22 +166,41 @@ def train_rl(policy: torch.nn.Module, tokenizer, spec: RolloutSpec, schedule: Sc
             "train_tokens_per_s": train_tokens / max(train_s, 1e-9), "latr": dict(latr), "resumed_from": start}
 
 
+def _replay_batch(replay: list, batch_size: int, seed: int, step: int, pad_id: int) -> dict:
+    """Step `step`'s replay rows: seeded by (seed, step), so a resumed run draws the same ones."""
+    rng = random.Random(f"{seed}:ptx:{step}")
+    return collate([replay[rng.randrange(len(replay))] for _ in range(batch_size)], pad_id)
+
+
+def _reference_logprobs(policy, reference: dict, r, temperature: float) -> torch.Tensor:
+    """Log-probs of the rollouts under the reference: the adapter's step-0 weights swapped in for
+    one forward pass (a second model copy would double the memory for a few adapter weights)."""
+    current = trainable_state(policy)
+    policy.load_state_dict(reference, strict=False)
+    try:
+        return sequence_logprobs(policy, r, temperature)
+    finally:
+        policy.load_state_dict(current, strict=False)
+
+
 def _update(policy, trainable, optimizer, r, advantages, spec: RolloutSpec, schedule: Schedule, step: int, *,
-            loss_type, epsilon, epsilon_high, beta, num_iterations, decoupled, behaviour_cap) -> dict:
+            loss_type, epsilon, epsilon_high, beta, num_iterations, decoupled, behaviour_cap, reference,
+            replay=None, replay_coef=0.0) -> dict:
     """`num_iterations` clipped-policy updates on one (filtered) rollout batch; logs of the last."""
     policy.train()
     with torch.no_grad():
         proximal = sequence_logprobs(policy, r, spec.temperature) if decoupled else None
-        ref = None
-        if beta > 0:
-            with policy.disable_adapter():
-                ref = sequence_logprobs(policy, r, spec.temperature)
+        ref = _reference_logprobs(policy, reference, r, spec.temperature) if beta > 0 else None
     for _ in range(num_iterations):
         logp = sequence_logprobs(policy, r, spec.temperature)
         loss, logs = policy_loss(logp, r.logprobs, advantages, r.completion_mask, loss_type=loss_type, epsilon=epsilon,
                                  epsilon_high=epsilon_high, proximal_logp=proximal,
                                  behaviour_cap=behaviour_cap if decoupled else None, ref_logp=ref, beta=beta,
                                  max_completion_length=spec.max_new_tokens)
+        if replay is not None:
+            device = next(policy.parameters()).device
+            ptx = policy(**{k: v.to(device) for k, v in replay.items()}).loss
+            loss, logs = loss + replay_coef * ptx, {**logs, "replay_loss": ptx.detach()}
         if not math.isfinite(loss.item()):
             raise SlimforgeError(f"rl: the loss is {loss.item()} at step {step + 1}; the last checkpoint is kept "
                                  "(lower train.lr or raise train.grad_clip, then rerun to resume from it)")

@@ -18,7 +18,8 @@ class LoraSizes(Schema):
 
 
 class RlSizes(Schema):
-    train: int = Field(2000, ge=0, description="chain (a+b-c) prompts for RL")
+    train: int = Field(6000, ge=0, description="chain (a+b-c) rows: the rl stage warms up on the first "
+                       "warmup.rows and trains RL on the rest")
     val: int = Field(300, ge=0, description="chain validation problems (the rl stage selects on them)")
     test: int = Field(500, ge=1, description="chain test problems")
 

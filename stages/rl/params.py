@@ -20,8 +20,17 @@ class Warmup(Schedule):
     LoRA family are mixed in so it does not forget them."""
 
     rows: int = Field(2000, ge=0, description="rl_train rows with their responses (0: no warm-up)")
-    replay: float = Field(1.0, ge=0, description="replay rows (train.jsonl + lora_train.jsonl) per warm-up row")
+    replay: float = Field(2.0, ge=0, description="replay rows per warm-up row (train.jsonl and lora_train.jsonl, equal shares)")
     max_len: int = Field(64, ge=8, description="tokens per training sequence at most")
+
+
+class Ptx(Schema):
+    """InstructGPT's PPO-ptx: each RL update adds coef x the supervised loss on a batch of replay
+    rows (base families and the LoRA family, equal shares), so RL does not erode them."""
+
+    coef: float = Field(1.0, ge=0, description="weight of the replay loss (0: off)")
+    rows: int = Field(4000, ge=1, description="replay rows to draw from (train.jsonl + lora_train.jsonl)")
+    batch_size: int = Field(32, ge=1, description="replay rows per update")
 
 
 class Latr(Schema):
@@ -49,7 +58,7 @@ class RlParams(Schema):
     targets: list[str] = Field(list(PROJECTIONS), description=f"projections with adapters, among {PROJECTIONS}")
     warmup: Warmup = Field(Warmup(steps=800, lr=3e-3, warmup_steps=20, batch_size=64, checkpoint_every=200),
                            description="supervised warm-up before RL")
-    train: Schedule = Field(Schedule(steps=150, lr=1e-4, warmup_steps=5, batch_size=32, checkpoint_every=50),
+    train: Schedule = Field(Schedule(steps=250, lr=4e-4, warmup_steps=5, batch_size=32, checkpoint_every=50),
                             description="RL optimisation: steps = policy updates, batch_size = prompts per step")
     num_generations: int = Field(8, ge=2, description="samples per prompt (the group size G)")
     max_completion_length: int = Field(6, ge=1, description="new tokens per sample at most")
@@ -58,13 +67,14 @@ class RlParams(Schema):
     scale_rewards: bool = Field(True, description="divide advantages by the group std (False: Dr. GRPO)")
     epsilon: float = Field(0.2, gt=0, lt=1, description="lower clip of the ratio")
     epsilon_high: float = Field(0.28, gt=0, description="upper clip (DAPO's clip-higher)")
-    beta: float = Field(0.0, ge=0, description="KL weight to the reference (the policy with the adapter off)")
+    beta: float = Field(0.0, ge=0, description="KL weight to the reference (the policy as RL starts: after the warm-up)")
     num_iterations: int = Field(1, ge=1, description="updates per rollout batch (TRL's mu)")
     dynamic_sampling: bool = Field(True, description="drop groups whose rewards are all equal (DAPO)")
     max_staleness: int = Field(0, ge=0, description="AReaL's eta: 0 synchronous; k: a rollout process may run "
                                "k policy versions ahead of the trainer (decoupled PPO loss)")
     behaviour_cap: float = Field(5.0, gt=1, description="decoupled loss: tokens whose proximal/behaviour weight "
                                  "exceeds this are masked")
+    ptx: Ptx = Field(Ptx(), description="replay loss during RL (PPO-ptx)")
     latr: Latr = Field(Latr(), description="lookahead tree rollouts")
     compare_async: bool = Field(False, description="also train with max_staleness 0 and 2 in one run and report "
                                 "samples trained per second for each (a benchmark: doubles the stage's time)")

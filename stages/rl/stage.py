@@ -48,22 +48,51 @@ def build_policy(base_dir: str, lora_adapter: str | None, rank: int, alpha: floa
 
 def warmup_examples(params: RlParams, data: Path, tokenizer) -> list:
     """The first `warmup.rows` rl_train rows with responses, plus `replay` times as many rows drawn
-    (seeded) from the base families' and the LoRA family's training files."""
+    (seeded) from the base families' and the LoRA family's training files, an equal share from each
+    file: pooled, the LoRA family's 4k rows drowned in the base's 80k and add3 was forgotten."""
     rows = load_records(data / RL_TRAIN)[:params.warmup.rows]
-    pool = [r for f in REPLAY for r in load_records(data / f)]
-    replay = random.Random(f"{params.seed}:replay").sample(pool, min(len(pool), round(params.warmup.replay * len(rows))))
+    replay = replay_rows(data, round(params.warmup.replay * len(rows)), f"{params.seed}:replay")
     return encode_records(rows + replay, tokenizer, max_len=params.warmup.max_len)
 
 
+def replay_rows(data: Path, n: int, seed: str) -> list[dict]:
+    """`n` rows drawn (seeded) from the replay files, an equal share from each."""
+    rng, out = random.Random(seed), []
+    for f in REPLAY:
+        pool = load_records(data / f)
+        out += rng.sample(pool, min(len(pool), n // len(REPLAY)))
+    return out
+
+
+def rl_prompts(params: RlParams, data: Path) -> tuple[tuple[str, str], ...]:
+    """The rl_train rows after the warm-up's: RL on prompts the warm-up memorised rewards recall,
+    not reasoning (their sampled accuracy ran 15 points above rl_val's, and RL gained nothing)."""
+    rows = load_records(data / RL_TRAIN, need_answer=True)
+    skip = params.warmup.rows if params.warmup.steps else 0
+    if len(rows) - skip < params.train.batch_size:
+        raise SlimforgeError(f"{RL_TRAIN} has {len(rows)} rows; the warm-up takes the first {skip}, which leaves "
+                             f"fewer than train.batch_size={params.train.batch_size} prompts for RL (lower "
+                             "warmup.rows or raise the data stage's rl.train)")
+    return tuple((r["prompt"], r["answer"]) for r in rows[skip:])
+
+
 def rollout_spec(params: RlParams, data: Path) -> RolloutSpec:
-    """What decides each step's rollouts: the rl_train prompts and the sampling params."""
-    prompts = tuple((r["prompt"], r["answer"]) for r in load_records(data / RL_TRAIN, need_answer=True))
-    return RolloutSpec(prompts=prompts, prompts_per_step=params.train.batch_size,
+    """What decides each step's rollouts: the RL prompts and the sampling params."""
+    return RolloutSpec(prompts=rl_prompts(params, data), prompts_per_step=params.train.batch_size,
                        num_generations=params.num_generations, max_new_tokens=params.max_completion_length,
                        temperature=params.temperature, seed=params.seed, reward=params.reward,
                        format_reward=params.format_reward, total_steps=params.train.steps,
                        latr_share=(params.latr.share_start, params.latr.share_end),
                        latr={k: v for k, v in params.latr.model_dump().items() if not k.startswith("share")})
+
+
+def ptx_args(params: RlParams, data: Path, tokenizer) -> dict:
+    """train_rl's PPO-ptx arguments: `ptx.rows` replay rows (fresh draws, not the warm-up's)."""
+    if params.ptx.coef <= 0:
+        return {}
+    rows = replay_rows(data, params.ptx.rows, f"{params.seed}:ptx")
+    return {"replay": encode_records(rows, tokenizer, max_len=params.warmup.max_len),
+            "replay_coef": params.ptx.coef, "replay_batch_size": params.ptx.batch_size}
 
 
 def check_context(spec: RolloutSpec, tokenizer, context: int) -> None:
@@ -115,7 +144,7 @@ def run(params: RlParams, base: str | Path, lora: str | Path, data: str | Path, 
                       max_staleness=params.max_staleness, behaviour_cap=params.behaviour_cap,
                       build_policy=functools.partial(build_policy, str(base_dir), adapter, params.rank, params.alpha,
                                                      tuple(params.targets), params.seed),
-                      tokenizer_dir=str(base_dir), on_log=stage.logger("rl_"))
+                      tokenizer_dir=str(base_dir), on_log=stage.logger("rl_"), **ptx_args(params, data, tokenizer))
         results["rl"] = score(policy)
         with stage.output() as tmp:
             policy.save_pretrained(tmp / "adapter")

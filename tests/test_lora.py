@@ -202,8 +202,10 @@ def test_stage_end_to_end(tmp_path, suite_dir, tokenizer, prune_weights):
     assert m["results"]["pruned_adapter"]["params"] < m["results"]["base"]["params"]
     assert m["training"]["loram"]["state_bytes"] < m["training"]["full_lora"]["state_bytes"]
     assert 0 < m["state_bytes_ratio"] < 1 and m["tokens_per_s_ratio"] > 0
-    for variant in m["results"].values():  # every variant scored on lora_val too: what ablations select on
-        assert 0 <= variant["accuracy_lora_val"] <= 1 and set(variant["accuracy_val"]) == {"add3"}
+    for variant in m["results"].values():  # every variant scored on lora_val (what ablations select on) and on
+        assert 0 <= variant["accuracy_lora_val"] <= 1  # val.jsonl's base families (did it keep them?)
+        assert set(variant["accuracy_val"]) == {"add3", "add", "sub", "mul"} and 0 <= variant["accuracy_base_val"] <= 1
+    assert m["replay_rows"] == 20 and m["train_rows"] == 40  # ratio 1: one base-family row per training row
     metrics = json.loads((tmp_path / "m.json").read_text())
     recovered = metrics["results"]["recovered"]
     assert set(recovered) == {"accuracy_lora", "accuracy_lora_val", "ci95"}
@@ -387,6 +389,21 @@ def test_val_accuracy_needs_every_family(tmp_path, caplog):
     assert val_records(tmp_path, ["add3", "at"]) and "no validation problems for at" in caplog.text
     assert _macro({"add3": 0.5}, ["add3", "at"]) is None  # a partial mean would not compare with test's
     assert val_records(tmp_path / "nowhere", ["add3"]) == []
+    (tmp_path / "val.jsonl").write_text('{"prompt": "1+1=", "response": "2", "answer": "2", "family": "add"}\n')
+    assert [r["family"] for r in val_records(tmp_path, ["add3"])] == ["add3", "add"]  # + the base families
+
+
+def test_replay_rows_are_seeded_base_family_rows_and_off_at_ratio_0(suite_dir):
+    from stages.lora.stage import replay_rows, suite_files
+
+    params = LoraParams.model_validate({"replay": {"ratio": 0.5}})
+    rows = replay_rows(suite_dir, params, 20)
+    assert len(rows) == 10 and {r["family"] for r in rows} <= {"add", "sub", "mul"}
+    assert rows == replay_rows(suite_dir, params, 20)
+    assert rows != replay_rows(suite_dir, params.model_copy(update={"seed": 1}), 20)
+    off = LoraParams.model_validate({"replay": {"ratio": 0.0, "files": ["judge_train.jsonl"]}})
+    assert replay_rows(suite_dir, off, 20) == [] and "judge_train.jsonl" not in suite_files(off)
+    assert {"train.jsonl", "val.jsonl"} <= set(suite_files(params))
 
 
 def test_every_ablation_row_is_a_valid_params_file_on_the_defaults():

@@ -15,7 +15,7 @@ LORA_TEST = "lora_test.jsonl"
 TEST_FILES = ("test.jsonl", LORA_TEST)  # base families (kept?) and the adapter's families (learned?)
 # Every variant is also scored on the validation problems of the adapter's families: ablations and any
 # "which variant is best" choice read accuracy_lora_val; lora_test is reported, never selected on.
-LORA_VAL = "lora_val.jsonl"
+LORA_VAL, BASE_VAL = "lora_val.jsonl", "val.jsonl"
 
 
 def headline_families(rows: list[dict], data: Path) -> list[str]:
@@ -37,6 +37,7 @@ def summarize(result: dict, families: list[str], val: dict | None = None) -> dic
            "accuracy_lora_val": None}
     if val is not None:  # the validation problems of the same families: what ablations select on
         out["accuracy_lora_val"] = macro_accuracy(val["accuracy"], families)
+        out["accuracy_base_val"] = macro_accuracy(val["accuracy"], sorted(set(val["accuracy"]) - set(families)))
         out["accuracy_val"] = val["accuracy"]
     return out
 
@@ -51,14 +52,17 @@ def macro_accuracy(accuracy: dict, families: list[str]) -> float | None:
 
 def val_records(data: Path, families: list[str]) -> list[dict]:
     """lora_val.jsonl's problems of the adapter's families (empty, with a warning, when a family has
-    none there: accuracy_lora_val is then None, and nothing can be selected on it)."""
+    none there: accuracy_lora_val is then None, and nothing can be selected on it), plus val.jsonl's
+    base-family problems (accuracy_base_val: did the adapter keep them?)."""
     path = data / LORA_VAL
     records = [r for r in load_records(path, need_answer=True) if r["family"] in families] if path.is_file() else []
     missing = sorted(set(families) - {r["family"] for r in records})
     if missing:
         log.warning("%s has no validation problems for %s: accuracy_lora_val is not reported (add them through the "
                     "data stage's user_files)", path, ", ".join(missing))
-    return records
+    base = data / BASE_VAL
+    return records + ([r for r in load_records(base, need_answer=True) if r["family"] not in families]
+                      if base.is_file() else [])
 
 
 def ratios(results: dict, training: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from slimforge.tasks.records import load_records
 from slimforge.training import train_causal_lm
 from stages.lora.params import LoraParams
 from stages.lora.recover import recover_state
-from stages.lora.scores import (LORA_VAL, TEST_FILES, headline_families, ratios, summarize,
+from stages.lora.scores import (BASE_VAL, LORA_VAL, TEST_FILES, headline_families, ratios, summarize,
                                 val_records)
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -167,9 +168,13 @@ def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path,
             plan.check_matches(base_model.config)
         rows = load_records(rows_path)
         families = headline_families(rows, data)
-        examples = [e for e in encode_records(rows, tokenizer, max_len=params.train.max_len) if len(e[0]) > e[1]]
+        usable = lambda records: [e for e in encode_records(records, tokenizer, max_len=params.train.max_len)  # noqa: E731
+                                  if len(e[0]) > e[1]]
+        examples = usable(rows)
         if not examples:
             raise SlimforgeError("no usable training rows: every row's prompt fills max_len, leaving no response tokens")
+        replay = replay_rows(data, params, len(rows))
+        examples += usable(replay)
         val = val_records(data, families)
 
         def score(model) -> dict:  # test files (reported) and lora_val (what ablations select on)
@@ -217,7 +222,7 @@ def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path,
             results["full_lora"] = score(trained)
             trained = base_model = None
         measured = {"model": kind, "prune_weights": params.prune_weights if kind == "pruned" else None,
-                  "families": families, "train_rows": len(examples), "results": results,
+                  "families": families, "train_rows": len(examples), "replay_rows": len(replay), "results": results,
                   "training": {k: {m: v for m, v in r.items() if m != "losses"} for k, r in training.items()},
                   **ratios(results, training)}
         curves = {k: r["losses"] for k, r in training.items() if "losses" in r}
@@ -226,6 +231,16 @@ def run(params: LoraParams, base: str | Path, data: str | Path, out: str | Path,
         return stage.finish(measured, plots=files, headline=HEADLINE)
 
 
+def replay_rows(data: Path, params: LoraParams, n_rows: int) -> list[dict]:
+    """`replay.ratio` x n_rows rows drawn (seeded) from the replay files, pooled."""
+    n = round(params.replay.ratio * n_rows)
+    if not n:
+        return []
+    pool = [r for f in params.replay.files for r in load_records(data / f)]
+    return random.Random(f"{params.seed}:replay").sample(pool, min(n, len(pool)))
+
+
 def suite_files(params: LoraParams) -> list[str]:
-    """The data stage's files this stage reads besides `train_rows`: alignment text and evaluation."""
-    return sorted({*params.align.files, *eval_files(TEST_FILES), LORA_VAL})
+    """The data stage's files this stage reads besides `train_rows`: alignment and replay text, evaluation."""
+    return sorted({*params.align.files, *(params.replay.files if params.replay.ratio else []), *eval_files(TEST_FILES),
+                   LORA_VAL, BASE_VAL})

@@ -4,7 +4,8 @@
     slimforge schedule [STAGE ...] --cron "0 3 * * *"   # the same on a schedule (needs a Prefect server)
     slimforge eval MODEL_DIR [--data data/tasks] [--out metrics.json]
     slimforge check-data FILE.jsonl [--eval]    # validate your JSONL against the suite schema
-    slimforge serve                             # model serving: arrives with the package stage
+    slimforge registry show|promote|rollback NAME [VERSION]   # the MLflow model registry's champion
+    slimforge serve                             # model serving: not implemented yet
     slimforge --version
 
 `slimforge COMMAND --help` lists a command's options (e.g. `slimforge eval --help`).
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from slimforge import SlimforgeError
 from slimforge.cli_util import exit_on_error, setup_logging
 
 
@@ -84,6 +86,20 @@ def _check_data(args: argparse.Namespace) -> None:
     print(f"{args.file}: {len(records)} records OK (families: {', '.join(families)})")
 
 
+def _registry(args) -> None:
+    from slimforge import registry
+
+    if args.action == "show":
+        print(json.dumps(registry.describe(args.name), indent=1))
+    elif args.action == "promote":
+        if not args.version:
+            raise SlimforgeError("registry promote needs a VERSION: slimforge registry promote NAME VERSION")
+        registry.promote(args.name, args.version)
+        print(f"{args.name}: champion is version {args.version}")
+    else:
+        print(f"{args.name}: champion is version {registry.rollback(args.name)} again")
+
+
 def parser() -> argparse.ArgumentParser:
     stages = stage_names()
     ap = argparse.ArgumentParser(prog="slimforge", description=__doc__, epilog=f"pipeline stages: {stages}",
@@ -108,7 +124,13 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-data", help="validate a JSONL file against the suite schema")
     check.add_argument("file", help="the JSONL file")
     check.add_argument("--eval", action="store_true", help="require `answer` (evaluation files)")
-    sub.add_parser("serve", help="serve a model for inference (not implemented yet: arrives with the package stage)")
+    reg = sub.add_parser("registry", help="the MLflow model registry: show versions, promote, roll back")
+    reg.add_argument("action", choices=["show", "promote", "rollback"],
+                     help="show: versions and aliases; promote: champion := VERSION; rollback: the previous champion")
+    reg.add_argument("name", help="registered model name (params/package.yaml: name)")
+    reg.add_argument("version", nargs="?", help="the version to promote")
+    sub.add_parser("serve", help="serve a model for inference (not implemented yet: serve data/package with vLLM or "
+                   "transformers)")
     return ap
 
 
@@ -123,11 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "schedule":
         _flow(["--serve", "--cron", args.cron, "--name", args.name, *args.stages])
     elif args.command == "serve":
-        print("error: model serving is not implemented yet (it arrives with the package stage); "
-              "the pipeline scheduler is `slimforge schedule`", file=sys.stderr)
+        print("error: model serving is not implemented yet: the package stage's data/package/full loads in stock "
+              "transformers or vLLM; the pipeline scheduler is `slimforge schedule`", file=sys.stderr)
         sys.exit(2)
     elif args.command == "eval":
         exit_on_error(lambda: _eval(args))
+    elif args.command == "registry":
+        exit_on_error(lambda: _registry(args))
     else:
         exit_on_error(lambda: _check_data(args))
 

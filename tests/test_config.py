@@ -10,6 +10,7 @@ from stages.base.params import BaseParams, ModelParams
 from stages.data.params import DataParams
 from stages.filter.params import FilterParams
 from stages.lora.params import LoraParams
+from stages.package.params import PackageParams
 from stages.prune.params import PruneParams
 from stages.quantize.params import QuantizeParams
 from stages.rl.params import RlParams
@@ -17,7 +18,7 @@ from tests.conftest import REPO
 
 SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams,
            "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams, "lora.yaml": LoraParams,
-           "rl.yaml": RlParams}
+           "rl.yaml": RlParams, "package.yaml": PackageParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

@@ -197,7 +197,7 @@ def test_closure_follows_relative_imports_function_level_imports_and_data_files(
                    "slimforge/sub/b.py", "slimforge/sub/table.json", "slimforge/c.py"}
 
 
-@pytest.mark.parametrize("stage", ["base", "prune", "quantize", "filter", "lora"])
+@pytest.mark.parametrize("stage", ["base", "prune", "quantize", "filter", "lora", "rl", "package"])
 def test_deps_cover_the_data_files_the_shipped_params_make_the_stage_read(stage):
     import importlib
 
@@ -206,7 +206,7 @@ def test_deps_cover_the_data_files_the_shipped_params_make_the_stage_read(stage)
     module = importlib.import_module(f"stages.{stage}.stage")
     schema = importlib.import_module(f"stages.{stage}.params")
     name = {"base": "BaseParams", "prune": "PruneParams", "quantize": "QuantizeParams", "filter": "FilterParams",
-            "lora": "LoraParams"}[stage]
+            "lora": "LoraParams", "rl": "RlParams", "package": "PackageParams"}[stage]
     params = load_params(REPO / "params" / f"{stage}.yaml", getattr(schema, name))
     reads = {f"data/tasks/{f}" for f in module.suite_files(params)}
     if stage == "lora":

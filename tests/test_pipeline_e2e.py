@@ -35,8 +35,8 @@ TINY_RL = {"warmup": {"rows": 6, "steps": 3, "batch_size": 8, "checkpoint_every"
 
 
 TINY = {"data": TINY_DATA, "base": {"preset": "test"}, "prune": TINY_PRUNE, "quantize": TINY_QUANTIZE,
-        "filter": TINY_FILTER, "lora": TINY_LORA, "rl": TINY_RL}
-STAGES = ("data", "base", "prune", "quantize", "filter", "lora", "rl")
+        "filter": TINY_FILTER, "lora": TINY_LORA, "rl": TINY_RL, "package": {"name": "slimforge-e2e", "eval_batch_size": 64}}
+STAGES = ("data", "base", "prune", "quantize", "filter", "lora", "rl", "package")
 
 
 def write_params(clone: Path, updates: dict[str, dict]) -> None:
@@ -79,13 +79,18 @@ def test_dvc_repro_then_nothing_to_do(clone):
     assert {"recovered", "full_lora"} <= set(lora["results"]) and (clone / "data/lora/adapter/adapter_config.json").exists()
     rl = json.loads((clone / "metrics/rl.json").read_text())
     assert set(rl["results"]) == {"start", "warmup", "rl"} and (clone / "data/rl/adapter/adapter_config.json").exists()
+    package = json.loads((clone / "reports/package.json").read_text())
+    assert package["deployables"] == ["adapters/lora", "adapters/rl", "compact", "full"]
+    assert package["registry"]["version"] == "1" and package["registry"]["promoted"]
+    assert (clone / "data/package/full/README.md").exists()
     second = _repro(clone)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     write_params(clone, {"data": {**TINY_DATA, "lora": {**TINY_DATA["lora"], "train": 12}}})  # new LoRA rows only
     third = _repro(clone)
     assert third.returncode == 0, third.stdout + third.stderr
     ran = {s for s in STAGES if f"Running stage '{s}'" in third.stdout}
-    assert ran == {"data", "lora", "rl"}, third.stdout  # per-file deps: only lora and rl (replay) read lora_train
+    assert ran == {"data", "lora", "rl", "package"}, third.stdout  # per-file deps: only lora and rl (replay) read
+    # lora_train, and package packs their outputs
 
 
 def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):

@@ -1,0 +1,71 @@
+"""The package stage's fresh-process check: load every deployable the way a user would (stock
+transformers and PEFT, no slimforge), then score each on the test split with the shared harness.
+
+    python -m stages.package.check --package data/package --base data/base --data data/tasks
+
+Prints one JSON object: {deployable: evaluate()'s result}. Every model is loaded before slimforge is
+imported, and the script fails if loading pulled it in, so "loads without slimforge" is checked,
+not assumed. Run by the stage in a subprocess; by hand it re-checks a package folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# What each deployable is, as a user would load it (the folder names are the package layout).
+FULL, LORA, RL, COMPACT = "full", "adapters/lora", "adapters/rl", "compact"
+
+
+def load_all(package: Path, base: Path) -> dict:
+    """{name: (model, tokenizer)} for every deployable present, loaded with stock libraries only."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def stock(folder: Path, **kw):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype="auto", **kw).eval()
+
+    models = {}
+    tokenizer = AutoTokenizer.from_pretrained(package / FULL)
+    models[FULL] = (stock(package / FULL), tokenizer)
+    if (package / LORA).is_dir():
+        models[LORA] = (PeftModel.from_pretrained(stock(base), package / LORA).eval(), tokenizer)
+    if (package / RL).is_dir():  # the rl adapter goes on the base with the lora adapter merged
+        merged = PeftModel.from_pretrained(stock(base), package / LORA).merge_and_unload()
+        models[RL] = (PeftModel.from_pretrained(merged, package / RL).eval(), tokenizer)
+    if (package / COMPACT).is_dir():
+        models[COMPACT] = (stock(package / COMPACT, trust_remote_code=True), tokenizer)
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.package.check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--package", required=True, help="the package stage's output folder")
+    ap.add_argument("--base", required=True, help="the model the adapters apply to (data/base)")
+    ap.add_argument("--data", required=True, help="the data stage's suite folder (data/tasks)")
+    ap.add_argument("--test-files", nargs="+", default=["test.jsonl", "lora_test.jsonl", "rl_test.jsonl"])
+    ap.add_argument("--batch-size", type=int, default=256)
+    args = ap.parse_args(argv)
+    models = load_all(Path(args.package), Path(args.base))
+    leaked = sorted(m for m in sys.modules if m == "slimforge" or m.startswith(("slimforge.", "kernels.")))
+    if leaked:
+        sys.exit(f"loading the deployables imported {leaked[:3]}: they must load with stock libraries only")
+    import torch
+
+    from slimforge.evaluate import evaluate  # only now: scoring uses the shared harness
+    from slimforge.tasks.records import load_records
+
+    tests = [r for f in args.test_files for r in load_records(Path(args.data) / f, need_answer=True)]
+    scores = {}
+    with torch.no_grad():
+        for name, (model, tokenizer) in models.items():
+            result = evaluate(model, tokenizer, tests, batch_size=args.batch_size)
+            scores[name] = {"accuracy": result["accuracy"], "ci95": result["ci95"]["accuracy"], "n": result["n"]}
+    print(json.dumps(scores))
+
+
+if __name__ == "__main__":
+    main()

@@ -39,12 +39,12 @@ def _family_table(scores: dict) -> str:
 
 def model_card(kind: str, name: str, scores: dict, size: dict, provenance: dict[str, dict], prompt_format: str) -> str:
     """The README.md of deployable `kind` (a key of WHAT)."""
-    stages = "\n".join(f"- **{stage}**: `{json.dumps(p.get('params', {}), sort_keys=True)[:600]}`"
-                       for stage, p in provenance.items())
+    stages = "\n\n".join(f"**{stage}**\n\n```json\n{json.dumps(p.get('params', {}), indent=1, sort_keys=True)}\n```"
+                         for stage, p in provenance.items())
     return f"""# {name} — {kind}
 
-{WHAT[kind]}. Made by [slimforge](https://github.com/)'s pipeline (`dvc repro package`; the registry
-version of `{name}` carries the git commit and the dvc.lock hash to check out for a rerun).
+{WHAT[kind][0].upper() + WHAT[kind][1:]}. Made by slimforge's pipeline (`dvc repro package`; the
+registry version of `{name}` carries the git commit and the dvc.lock hash to check out for a rerun).
 
 ## Load
 

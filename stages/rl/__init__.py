@@ -6,10 +6,11 @@ rollouts with a staleness bound and the decoupled PPO loss, LATR lookahead tree 
 
 1. The policy: the base with the lora stage's recovered adapter merged in (start: lora) or the base
    alone, frozen, plus a fresh LoRA that this stage trains. The reference model of the KL term is
-   the same model with that adapter disabled.
-2. Warm-up: supervised training of the adapter on a few hundred rl_train rows (the start model has
-   never seen `a+b-c`), mixed with replay rows of the base families and add3 so they are not
-   forgotten, so RL starts from a pass@1 well above zero and far from one.
+   the policy as RL found it (the adapter's weights at RL step 0).
+2. Warm-up: supervised training of the adapter on the first `warmup.rows` rl_train rows (the start
+   model has never seen `a+b-c`), mixed with replay rows of the base families and add3 (equal
+   shares) so they are not forgotten, so RL starts from a pass@1 well above zero and far from one.
+   RL then trains on the remaining rl_train rows only, with a PPO-ptx replay term (`ptx`).
 3. RL (slimforge/rl/): per step P prompts x G samples on the KV cache (plain sampling, or LATR for
    a scheduled share of the prompts), rewards from the verifier named in params (`module:function`,
    checked before any work; samples on which it fails are skipped and counted), group-normalised

@@ -30,7 +30,7 @@ import yaml
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402  (after the setting above)
-from prefect.artifacts import create_table_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from slimforge.tracking import PARENT_ENV, pipeline_run  # noqa: E402
 
@@ -152,6 +152,10 @@ def pipeline(stages: list[str] | None = None, root: str | None = None) -> dict[s
         finally:
             results = {s: {**status[s], "metrics": stage_metrics(root, s)} for s in known if s in status}
             summarize(results)
+            report = root / "reports" / "report.md"  # the report stage's cross-stage table, when it ran
+            if status.get("report", {}).get("status") == "ran" and report.is_file():
+                create_markdown_artifact(key="slimforge-report", markdown=report.read_text(),
+                                         description="The pipeline's models side by side (report stage)")
             ran = [s for s, r in results.items() if r["status"] == "ran"]
             if parent:
                 parent.set_tags({"slimforge.stages_ran": ",".join(ran)})

@@ -13,12 +13,14 @@ from stages.lora.params import LoraParams
 from stages.package.params import PackageParams
 from stages.prune.params import PruneParams
 from stages.quantize.params import QuantizeParams
+from stages.report.params import ReportParams
 from stages.rl.params import RlParams
 from tests.conftest import REPO
 
 SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams,
            "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams, "lora.yaml": LoraParams,
-           "rl.yaml": RlParams, "package.yaml": PackageParams}
+           "rl.yaml": RlParams, "package.yaml": PackageParams,
+           "report.yaml": ReportParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

@@ -35,8 +35,9 @@ TINY_RL = {"warmup": {"rows": 6, "steps": 3, "batch_size": 8, "checkpoint_every"
 
 
 TINY = {"data": TINY_DATA, "base": {"preset": "test"}, "prune": TINY_PRUNE, "quantize": TINY_QUANTIZE,
-        "filter": TINY_FILTER, "lora": TINY_LORA, "rl": TINY_RL, "package": {"name": "slimforge-e2e", "eval_batch_size": 64}}
-STAGES = ("data", "base", "prune", "quantize", "filter", "lora", "rl", "package")
+        "filter": TINY_FILTER, "lora": TINY_LORA, "rl": TINY_RL, "package": {"name": "slimforge-e2e", "eval_batch_size": 64},
+        "report": {"new_tokens": 8, "repeats": 1}}
+STAGES = ("data", "base", "prune", "quantize", "filter", "lora", "rl", "package", "report")
 
 
 def write_params(clone: Path, updates: dict[str, dict]) -> None:
@@ -83,14 +84,16 @@ def test_dvc_repro_then_nothing_to_do(clone):
     assert package["deployables"] == ["adapters/lora", "adapters/rl", "compact", "full"]
     assert package["registry"]["version"] == "1" and package["registry"]["promoted"]
     assert (clone / "data/package/full/README.md").exists()
+    report_md = (clone / "reports/report.md").read_text()
+    assert "| shipped: package/full |" in report_md and (clone / "plots/report/size_accuracy.png").exists()
     second = _repro(clone)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     write_params(clone, {"data": {**TINY_DATA, "lora": {**TINY_DATA["lora"], "train": 12}}})  # new LoRA rows only
     third = _repro(clone)
     assert third.returncode == 0, third.stdout + third.stderr
     ran = {s for s in STAGES if f"Running stage '{s}'" in third.stdout}
-    assert ran == {"data", "lora", "rl", "package"}, third.stdout  # per-file deps: only lora and rl (replay) read
-    # lora_train, and package packs their outputs
+    assert ran == {"data", "lora", "rl", "package", "report"}, third.stdout  # per-file deps: only lora and rl
+    # (replay) read lora_train; package and report take their outputs
 
 
 def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
@@ -105,10 +108,12 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
         from prefect.artifacts import Artifact
 
         artifact = Artifact.get("slimforge-stage-metrics")
+        report_artifact = Artifact.get("slimforge-report")
     assert set(results) == set(STAGES)
     assert "accuracy_base" in results["base"] and "train" not in results["base"]  # the flow reads the headline files
     assert json.loads((clone / "reports/base.json").read_text())["train"]["steps"] == 30
     assert artifact is not None and "accuracy_base" in str(artifact.data)
+    assert report_artifact is not None and "| shipped: package/full |" in str(report_artifact.data)
     import os
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])

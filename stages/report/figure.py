@@ -7,17 +7,15 @@ from pathlib import Path
 
 
 def size_accuracy_plot(path_stem: Path, rows: list[dict]) -> list[Path]:
-    """`<stem>.csv` (model, MB, accuracy, lo, hi) and `<stem>.png`."""
+    """`<stem>.png` (no CSV: the numbers are the report's table and metrics)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path_stem.parent.mkdir(parents=True, exist_ok=True)
-    csv, png = path_stem.with_suffix(".csv"), path_stem.with_suffix(".png")
+    png = path_stem.with_suffix(".png")
     points = [(r["model"], r["bytes"] / 1e6, r["base families"]) for r in rows]
-    csv.write_text("model,megabytes,accuracy,lo,hi\n" + "".join(
-        f"{name},{mb:.4f},{a['value']:.4f},{a['lo']:.4f},{a['hi']:.4f}\n" for name, mb, a in points))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, mb, a in points:
         below, above = max(0.0, a["value"] - a["lo"]), max(0.0, a["hi"] - a["value"])  # bootstrap bounds may sit
@@ -30,4 +28,4 @@ def size_accuracy_plot(path_stem: Path, rows: list[dict]) -> list[Path]:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    return [csv, png]
+    return [png]

@@ -15,6 +15,7 @@ from torch import nn
 from kernels.dispatch import use_triton
 from kernels.lowbit import lowbit_linear
 from kernels.lowbit_format import check_format, dequantize_groups, pack, packed_words, quantize_groups, unpack
+from kernels.reference import dense_lowbit_ref
 
 
 def padded_width(in_features: int, group: int) -> int:
@@ -124,8 +125,21 @@ class QuantLinear(nn.Module):
             bias = self.bias.half() if self.bias is not None else None
             return lowbit_linear(x.half(), self.packed, self.scale, self.zero, self.bits, self.group,
                                  self.out_features, self.down, self.up, bias).float()
+        if not use_triton(x):  # CPU: W_hat dequantised once and kept (per call it cost 3x the matmul)
+            return dense_lowbit_ref(x, self._dense_weight(), self.down, self.up, self.bias)
         return lowbit_linear(x, self.packed, self.scale, self.zero, self.bits, self.group, self.out_features,
                              self.down, self.up, self.bias)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """fp32 W_hat (out, packed_in_features), rebuilt when packed/scale/zero change (moved, loaded,
+        edited in place). Not a buffer: the packed form stays the only one in state_dict and on disk;
+        the copy costs 4 bytes per weight of RAM on the non-GPU path only."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (self.packed, self.scale, self.zero))
+        if getattr(self, "_dense_key", None) != key:
+            self._dense = dequantize_groups(unpack(self.packed, self.bits, self.packed_in_features), self.scale,
+                                            self.zero, self.group)
+            self._dense_key = key
+        return self._dense
 
     def extra_repr(self) -> str:
         pad = f" (packed {self.packed_in_features})" if self.packed_in_features != self.in_features else ""

@@ -43,7 +43,14 @@ def lowbit_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     down (r, K), up (N, r). Differentiable in x, down, up and bias."""
     from kernels.lowbit_format import dequantize_groups, unpack
 
-    w = dequantize_groups(unpack(packed, bits, x.shape[-1]), scale, zero, group)
+    return dense_lowbit_ref(x, dequantize_groups(unpack(packed, bits, x.shape[-1]), scale, zero, group), down, up,
+                            bias)
+
+
+def dense_lowbit_ref(x: torch.Tensor, w: torch.Tensor, down: torch.Tensor | None = None,
+                     up: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """lowbit_matmul_ref with W_hat already dequantised (fp32, (N, K)): the same ops in the same order,
+    so a layer that keeps W_hat (QuantLinear off the GPU kernels) computes bit-identical outputs."""
     xf = x.float()
     y = xf @ w.t()
     if down is not None:

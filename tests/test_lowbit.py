@@ -102,6 +102,23 @@ def test_quantlinear_from_linear_cpu():
     assert layer.packed.grad is None
 
 
+def test_cpu_path_keeps_w_hat_bit_identical_and_rebuilds_it_when_the_weights_change():
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(64, 48), bits=3, group=32, rank=4)
+    with torch.no_grad():
+        layer.up.normal_()
+    x = torch.randn(5, 64)
+    ref = lambda: lowbit_matmul_ref(x, layer.packed, layer.scale, layer.zero, 3, 32, layer.down, layer.up,  # noqa: E731
+                                    layer.bias)
+    assert torch.equal(layer(x), ref())
+    kept = layer._dense
+    assert layer(x) is not None and layer._dense is kept  # no dequantisation on the next call
+    with torch.no_grad():
+        layer.scale.mul_(2)  # in place: the kept W_hat is stale
+    assert torch.equal(layer(x), ref()) and layer._dense is not kept
+    assert "_dense" not in str(list(layer.state_dict()))  # the packed form stays the only one saved
+
+
 def test_quantlinear_pads_a_width_the_group_does_not_divide():
     torch.manual_seed(3)
     linear = nn.Linear(40, 9)  # a pruned width: 40 = 32 + 8

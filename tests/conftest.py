@@ -51,6 +51,11 @@ def suite_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    return small_tokenizer()
+
+
+def small_tokenizer():
+    """The tests' tokenizer, trained on the small suite (a function too: scripts build it outside pytest)."""
     files, _ = small_suite()
     texts = [r["prompt"] + r["response"] for r in files["train.jsonl"] + files["judge_train.jsonl"]]
     return build_tokenizer(texts, 300, must_be_single=[v for pair in VERDICTS.values() for v in pair])

@@ -16,6 +16,7 @@ from slimforge.evaluate import evaluate
 from slimforge.io import write_json
 from slimforge.modeling import load_model
 from slimforge.pruning import PrunePlan, prune_model, save_pruned
+from slimforge.quantized import load_quantized, pack_linears, save_quantized
 from slimforge.tasks.records import load_records
 from stages.package.params import PackageParams
 from tests.conftest import REPO
@@ -57,6 +58,10 @@ def inputs(tmp_path, suite_dir, tokenizer):
     write_json(reports / "lora.json", {"results": {"recovered": {"accuracy": _accuracy(lora_model, tokenizer, suite_dir)}}})
     write_json(reports / "rl.json", {"results": {"rl": {"accuracy": _accuracy(rl, tokenizer, suite_dir)}}})
     write_json(reports / "prune.json", {"searched": {"accuracy": _accuracy(plain, tokenizer, suite_dir)}})
+    quantized = pack_linears(load_model(base)[0], 4, 32, rank=2)  # RTN + a zero-init correction (up = 0)
+    save_quantized(quantized, tokenizer, base, tmp_path / "quantized")
+    write_json(reports / "quantize.json", {"final": "rtn", "results": {"rtn": {"accuracy": _accuracy(
+        load_quantized(tmp_path / "quantized")[0], tokenizer, suite_dir)}}})
     return tmp_path
 
 
@@ -65,19 +70,22 @@ def _run(tmp_path, suite_dir, **over):
 
     params = PackageParams.model_validate({"name": "pkg-test", **over})
     return run(params, tmp_path / "base", tmp_path / "lora", tmp_path / "rl", tmp_path / "pruned", suite_dir,
-               tmp_path / "reports", tmp_path / "package", tmp_path / "package.json", tmp_path / "package_report.json")
+               tmp_path / "reports", tmp_path / "package", tmp_path / "package.json", tmp_path / "package_report.json",
+               quantized=tmp_path / "quantized")
 
 
 def test_package_deployables_load_stock_and_register(inputs, suite_dir, tokenizer):
     m = _run(inputs, suite_dir)
     package = inputs / "package"
-    assert m["deployables"] == ["adapters/lora", "adapters/rl", "compact", "full"]
-    assert set(m["test"]) == set(m["deployables"]) and all(0 <= v <= 1 for v in m["test"]["full"]["accuracy"].values())
+    assert m["deployables"] == ["adapters/correction", "adapters/lora", "adapters/rl", "compact", "full", "quantized"]
+    assert set(m["test"]) == set(m["deployables"]) - {"adapters/correction"} and all(0 <= v <= 1 for v in m["test"]["full"]["accuracy"].values())
     for kind in m["deployables"]:
         card = (package / kind / "README.md").read_text()
         assert "## Test accuracy" in card and "| add3 |" in card and "bits per weight" in card
     full_config = json.loads((package / "full" / "config.json").read_text())
     assert "auto_map" not in full_config and full_config["architectures"] == ["LlamaForCausalLM"]
+    assert m["sizes"]["quantized"]["bits_per_weight"] < m["sizes"]["full"]["bits_per_weight"] / 2
+    assert "4-bit g32" in (package / "quantized" / "README.md").read_text()
     script = ("import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
               f"m = AutoModelForCausalLM.from_pretrained({str(package / 'full')!r})\n"
               "assert not [k for k in sys.modules if k.startswith('slimforge')]\n"

@@ -1,7 +1,7 @@
 """package stage: the pipeline's deployables, checked in a fresh process, registered in MLflow.
 
     python -m stages.package --params params/package.yaml --base data/base --lora data/lora --rl data/rl \
-        --compact data/pruned --data data/tasks --reports reports --out data/package \
+        --compact data/pruned --quantized data/quantized --data data/tasks --reports reports --out data/package \
         --metrics metrics/package.json --report reports/package.json
 
 1. full/: the base with the lora stage's recovered adapter and the rl stage's adapter merged in, a
@@ -11,8 +11,10 @@
    lora merged), checked against the LoRA limits of vLLM's loader (standard projection names,
    rank, no extra trained modules, no DoRA, safetensors).
 3. compact/: the pruned model (non-uniform widths), loadable with trust_remote_code through its
-   shipped modeling file. A quantized folder (packed low-bit weights) is refused: it loads only
-   through slimforge.quantized today.
+   shipped modeling file.
+   quantized/ + adapters/correction: the quantize stage's model exported to compressed-tensors
+   "pack-quantized" (stock architecture, what transformers and vLLM read) with its low-rank error
+   correction as a PEFT LoRA adapter (slimforge/ct_export.py: exact codes, widths, limits).
 4. README.md in each folder: a model card (base, every stage's params and test metrics, size,
    bits per weight, intended use, limitations, the command that reproduces it).
 5. Before anything is written, every deployable is loaded in a fresh process with stock libraries

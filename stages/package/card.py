@@ -18,6 +18,13 @@ HOW_TO_LOAD = {
                    "model = PeftModel.from_pretrained(base, FOLDER)",
     "compact": "from transformers import AutoModelForCausalLM\n"
                "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)  # its modeling_pruned.py",
+    "adapters/correction": "# the low-rank error correction of ../../quantized: load it there (see its README)\n"
+                           "model = PeftModel.from_pretrained(quantized_model, FOLDER)",
+    "quantized": "# pip install 'transformers>=5.17' 'compressed-tensors>=0.19' peft\n"
+                 "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+                 "model = AutoModelForCausalLM.from_pretrained(FOLDER)  # dequantized at load on CPU\n"
+                 "model = PeftModel.from_pretrained(model, CORRECTION_FOLDER)  # ../adapters/correction\n"
+                 "# vLLM: LLM(FOLDER, enable_lora=True) + LoRARequest('correction', 1, CORRECTION_FOLDER)",
 }
 WHAT = {
     "full": "the base model with the lora stage's recovered adapter and the rl stage's adapter merged in: "
@@ -26,6 +33,11 @@ WHAT = {
     "adapters/rl": "the rl stage's adapter (GRPO-family RL with verifiable rewards), for the base with the lora "
                    "adapter merged first",
     "compact": "the prune stage's model: heads and MLP channels removed per layer (non-uniform widths)",
+    "adapters/correction": "the quantize stage's low-rank error correction (INT2.1/LQ-LoRA factors) as a PEFT "
+                           "LoRA adapter (scale 1) for ../../quantized; the scores below are that model with it",
+    "quantized": "the quantize stage's model in the compressed-tensors pack-quantized format (stock architecture; a "
+                 "pruned model's layers zero-padded to the widest layer, which leaves its outputs unchanged), its "
+                 "low-rank error correction in ../adapters/correction as a PEFT LoRA adapter",
 }
 
 
@@ -37,8 +49,17 @@ def _family_table(scores: dict) -> str:
     return "\n".join(rows)
 
 
-def model_card(kind: str, name: str, scores: dict, size: dict, provenance: dict[str, dict], prompt_format: str) -> str:
-    """The README.md of deployable `kind` (a key of WHAT)."""
+def _export_note(export: dict) -> str:
+    w = export["target_widths"]
+    return (f"\nFormats: {', '.join(export['formats'])} (asymmetric, integer zero points); low-rank correction "
+            f"rank {export['correction_rank']}; stock widths {w['heads']} query heads, {w['kv']} key/value heads, MLP "
+            f"{w['inter']}{' (zero-padded from the pruned widths)' if export['padded'] else ''}. vLLM's compressed-"
+            "tensors kernels serve 4- and 8-bit weights; 2- and 3-bit exports load in transformers (dequantized).\n")
+
+
+def model_card(kind: str, name: str, scores: dict, size: dict, provenance: dict[str, dict], prompt_format: str,
+               export: dict | None = None) -> str:
+    """The README.md of deployable `kind` (a key of WHAT); `export` is export_compressed_tensors's result."""
     stages = "\n\n".join(f"**{stage}**\n\n```json\n{json.dumps(p.get('params', {}), indent=1, sort_keys=True)}\n```"
                          for stage, p in provenance.items())
     return f"""# {name} — {kind}
@@ -63,7 +84,7 @@ Exact match, greedy decoding, 95% bootstrap intervals:
 ## Size
 
 {size['parameters']:,} parameters, {size['bytes']:,} bytes on disk, {size['bits_per_weight']:.1f} bits per weight.
-
+{_export_note(export) if kind in ("quantized", "adapters/correction") and export else ""}
 ## How it was made (each stage's params, from the slimforge.json records)
 
 {stages}

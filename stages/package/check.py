@@ -3,6 +3,8 @@ transformers and PEFT, no slimforge), then score each on the test split with the
 
     python -m stages.package.check --package data/package --base data/base --data data/tasks
 
+    python stages/package/check.py --package data/package --logits reference.safetensors  # bare venv
+
 Prints one JSON object: {deployable: evaluate()'s result}. Every model is loaded before slimforge is
 imported, and the script fails if loading pulled it in, so "loads without slimforge" is checked,
 not assumed. Run by the stage in a subprocess; by hand it re-checks a package folder.
@@ -17,6 +19,18 @@ from pathlib import Path
 
 # What each deployable is, as a user would load it (the folder names are the package layout).
 FULL, LORA, RL, COMPACT = "full", "adapters/lora", "adapters/rl", "compact"
+QUANTIZED, CORRECTION = "quantized", "adapters/correction"  # compressed-tensors model + its low-rank correction
+
+
+def load_quantized(package: Path):
+    """The compressed-tensors model (transformers dequantizes it) with its correction through PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(package / QUANTIZED, dtype="auto").eval()
+    if (package / CORRECTION).is_dir():
+        model = PeftModel.from_pretrained(model, package / CORRECTION).eval()
+    return model
 
 
 def load_all(package: Path, base: Path) -> dict:
@@ -37,18 +51,43 @@ def load_all(package: Path, base: Path) -> dict:
         models[RL] = (PeftModel.from_pretrained(merged, package / RL).eval(), tokenizer)
     if (package / COMPACT).is_dir():
         models[COMPACT] = (stock(package / COMPACT, trust_remote_code=True), tokenizer)
+    if (package / QUANTIZED).is_dir():
+        models[QUANTIZED] = (load_quantized(package), tokenizer)
     return models
+
+
+def quantized_logits_gap(package: Path, reference: Path) -> float:
+    """Largest |logit difference| between the compressed-tensors export (+ its correction), loaded
+    with stock libraries, and `reference` (a safetensors file with `ids` and the `logits` slimforge's
+    own loader computed for them). Runs in a bare environment: torch, transformers, peft and
+    compressed-tensors only (.ci/stock_env)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ref = load_file(reference)
+    with torch.no_grad():
+        return (load_quantized(package)(input_ids=ref["ids"]).logits.float() - ref["logits"].float()).abs().max().item()
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m stages.package.check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--package", required=True, help="the package stage's output folder")
-    ap.add_argument("--base", required=True, help="the model the adapters apply to (data/base)")
-    ap.add_argument("--data", required=True, help="the data stage's suite folder (data/tasks)")
+    ap.add_argument("--base", help="the model the adapters apply to (data/base)")
+    ap.add_argument("--data", help="the data stage's suite folder (data/tasks)")
     ap.add_argument("--test-files", nargs="+", default=["test.jsonl", "lora_test.jsonl", "rl_test.jsonl"])
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--logits", help="instead of scoring: compare quantized/ (+ correction) with these reference "
+                    "logits (safetensors: ids, logits) and fail above --tolerance")
+    ap.add_argument("--tolerance", type=float, default=1e-4)
     args = ap.parse_args(argv)
+    if args.logits:
+        gap = quantized_logits_gap(Path(args.package), Path(args.logits))
+        leaked = sorted(m for m in sys.modules if m.startswith(("slimforge", "kernels")))
+        print(json.dumps({"max_abs_logit_gap": gap, "tolerance": args.tolerance, "slimforge_imported": leaked}))
+        sys.exit(1 if gap > args.tolerance or leaked else 0)
+    if not (args.base and args.data):
+        ap.error("--base and --data are required to score the deployables")
     models = load_all(Path(args.package), Path(args.base))
     leaked = sorted(m for m in sys.modules if m == "slimforge" or m.startswith(("slimforge.", "kernels.")))
     if leaked:

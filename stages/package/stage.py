@@ -4,6 +4,7 @@ in __main__.py (which checks the params before importing this module)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -17,12 +18,13 @@ from slimforge.adapters import load_adapter
 from slimforge.evaluate import evaluate
 from slimforge.io import content_hash, file_hash, read_json
 from slimforge.modeling import count_parameters, load_model
+from slimforge.ct_export import export_compressed_tensors
 from slimforge.quantized import is_quantized
 from slimforge.stage import open_stage
 from slimforge.tasks.records import load_records
 from slimforge.tracking import workspace_root
 from stages.package.card import model_card
-from stages.package.check import COMPACT, FULL, LORA, RL
+from stages.package.check import COMPACT, CORRECTION, FULL, LORA, QUANTIZED, RL
 from stages.package.params import PackageParams
 
 VAL_FILES = ("val.jsonl", "lora_val.jsonl", "rl_val.jsonl")  # the champion metric reads these, never test
@@ -73,12 +75,16 @@ def merged_model(base: Path, lora_adapter: Path, rl_adapter: Path, device: str):
     return load_adapter(model, rl_adapter).merge_and_unload(), tokenizer
 
 
-def expected_scores(reports: Path) -> dict[str, dict]:
+def expected_scores(reports: Path, quantized: bool) -> dict[str, dict]:
     """The pipeline's own test accuracy of what each deployable holds."""
     lora, rl, prune = (read_json(reports / f"{s}.json") for s in ("lora", "rl", "prune"))
-    return {FULL: rl["results"]["rl"]["accuracy"], RL: rl["results"]["rl"]["accuracy"],
-            LORA: (lora["results"].get("recovered") or lora["results"]["lora"])["accuracy"],
-            COMPACT: prune["searched"]["accuracy"]}
+    out = {FULL: rl["results"]["rl"]["accuracy"], RL: rl["results"]["rl"]["accuracy"],
+           LORA: (lora["results"].get("recovered") or lora["results"]["lora"])["accuracy"],
+           COMPACT: prune["searched"]["accuracy"]}
+    if quantized:  # the quantize stage's final model (with its low-rank correction)
+        quantize = read_json(reports / "quantize.json")
+        out[QUANTIZED] = quantize["results"][quantize["final"]]["accuracy"]
+    return out
 
 
 def mismatches(expected: dict[str, dict], measured: dict[str, dict]) -> list[str]:
@@ -104,33 +110,34 @@ def fresh_process_scores(package: Path, base: Path, data: Path, batch_size: int)
 
 
 def size_of(folder: Path) -> dict:
-    """Parameters, bytes of the folder, bits per weight of its safetensors."""
-    tensors = 0
-    weights = 0
+    """Parameters, bytes of the folder, bits per weight of its safetensors. A compressed-tensors
+    linear counts the weights of its `weight_shape`, its packed words, scales and zeros count as bytes."""
+    parameters, weight_bytes = 0, 0
     for f in folder.glob("*.safetensors"):
         with safe_open(f, "pt") as st:
             for k in st.keys():
-                shape = st.get_slice(k).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                tensors += n
-        weights += f.stat().st_size
+                if k.endswith((".weight_packed", ".weight_scale", ".weight_zero_point")):
+                    continue
+                parameters += math.prod(st.get_tensor(k).tolist()) if k.endswith(".weight_shape") else \
+                    math.prod(st.get_slice(k).get_shape())
+        weight_bytes += f.stat().st_size
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return {"parameters": tensors, "bytes": total, "bits_per_weight": 8 * weights / max(tensors, 1)}
+    return {"parameters": parameters, "bytes": total, "bits_per_weight": 8 * weight_bytes / max(parameters, 1)}
 
 
 def run(params: PackageParams, base: str | Path, lora: str | Path, rl: str | Path, compact: str | Path,
         data: str | Path, reports: str | Path, out: str | Path, metrics: str | Path,
-        report: str | Path | None = None) -> dict:
+        report: str | Path | None = None, quantized: str | Path | None = None) -> dict:
     base, data, compact, reports = Path(base), Path(data), Path(compact), Path(reports)
     lora_adapter, rl_adapter = Path(lora) / "adapter", Path(rl) / "adapter"
+    if quantized is not None and not is_quantized(quantized):
+        raise SlimforgeError(f"{quantized}: not a quantized folder (no quantization.json; run the quantize stage first)")
     for folder in (base, lora_adapter, rl_adapter, compact):
         if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
             raise SlimforgeError(f"{folder}: missing (run the stage that makes it first: dvc repro package does)")
     if is_quantized(compact):
-        raise SlimforgeError(f"{compact}: a quantized folder loads only through slimforge.quantized, not with stock "
-                             "transformers (a stock-loadable quantized export is not implemented yet); use data/pruned")
+        raise SlimforgeError(f"{compact}: a quantized folder is not a compact model; pass it as --quantized (exported "
+                             "to compressed-tensors) and the pruned model as --compact")
     merge_first = read_json(rl_adapter / "merge_first.json")["merge_first"]
     if merge_first is None or Path(merge_first).resolve() != lora_adapter.resolve():
         raise SlimforgeError(f"{rl_adapter} was trained on the base with {merge_first} merged, not {lora_adapter} "
@@ -139,7 +146,8 @@ def run(params: PackageParams, base: str | Path, lora: str | Path, rl: str | Pat
         registry.check_compatible(params.name)
     provenance = {p["stage"]: p for p in (read_json(f / "slimforge.json") for f in (base, compact, Path(lora), Path(rl))
                                           if (f / "slimforge.json").is_file())}
-    with open_stage("package", params.model_dump(), out=out, inputs=[base, lora_adapter, rl_adapter, compact, data],
+    inputs = [base, lora_adapter, rl_adapter, compact, data, *([Path(quantized)] if quantized else [])]
+    with open_stage("package", params.model_dump(), out=out, inputs=inputs,
                     metrics=metrics, report=report, device="cpu") as stage:
         probe, _ = load_model(base)
         for adapter in (lora_adapter, rl_adapter):
@@ -158,17 +166,20 @@ def run(params: PackageParams, base: str | Path, lora: str | Path, rl: str | Pat
             shutil.copytree(lora_adapter, tmp / LORA, ignore=shutil.ignore_patterns("merge_first.json"))
             shutil.copytree(rl_adapter, tmp / RL)
             shutil.copytree(compact, tmp / COMPACT)
+            export = export_compressed_tensors(quantized, tmp / QUANTIZED, tmp / CORRECTION) if quantized else None
             measured = fresh_process_scores(tmp, base, data, params.eval_batch_size) if params.check else {}
-            wrong = mismatches(expected_scores(reports), measured) if params.check else []
+            wrong = mismatches(expected_scores(reports, bool(quantized)), measured) if params.check else []
             if wrong:
                 raise SlimforgeError("packaged models do not reproduce the pipeline's accuracy: " + "; ".join(wrong))
-            sizes = {kind: size_of(tmp / kind) for kind in (FULL, LORA, RL, COMPACT)}
+            sizes = {kind: size_of(tmp / kind) for kind in (FULL, LORA, RL, COMPACT, QUANTIZED, CORRECTION)
+                     if (tmp / kind).is_dir()}
             for kind in sizes:
-                if kind in measured:
-                    (tmp / kind / "README.md").write_text(model_card(kind, params.name, measured[kind], sizes[kind],
-                                                                    provenance, PROMPT_FORMAT))
+                scored = QUANTIZED if kind == CORRECTION else kind  # the correction is scored on its model
+                if scored in measured:
+                    (tmp / kind / "README.md").write_text(model_card(kind, params.name, measured[scored], sizes[kind],
+                                                                    provenance, PROMPT_FORMAT, export))
             registered = _register(params, tmp, on_val, data) if params.register_model else None
-        result = {"deployables": sorted(sizes), "sizes": sizes, "test": measured, "val": {
+        result = {"deployables": sorted(sizes), "sizes": sizes, "test": measured, "compressed_tensors": export, "val": {
             "accuracy": on_val["accuracy"], "accuracy_macro": on_val["accuracy_macro"],
             "ci95": on_val["ci95"]["accuracy_macro"]}, "registry": registered,
             "parameters_full": count_parameters(model)}

@@ -68,11 +68,10 @@ def adapter_problems(folder: Path, model: torch.nn.Module) -> list[str]:
     return problems
 
 
-def merged_model(base: Path, lora_adapter: Path, rl_adapter: Path, device: str):
-    """base + lora adapter merged, then + rl adapter merged: the full deployable."""
-    model, tokenizer = load_model(base, device=device)
+def merged_model(model: torch.nn.Module, lora_adapter: Path, rl_adapter: Path) -> torch.nn.Module:
+    """base + lora adapter merged, then + rl adapter merged: the full deployable (`model` is consumed)."""
     model = load_adapter(model, lora_adapter).merge_and_unload()
-    return load_adapter(model, rl_adapter).merge_and_unload(), tokenizer
+    return load_adapter(model, rl_adapter).merge_and_unload()
 
 
 def expected_scores(reports: Path, quantized: bool) -> dict[str, dict]:
@@ -149,12 +148,12 @@ def run(params: PackageParams, base: str | Path, lora: str | Path, rl: str | Pat
     inputs = [base, lora_adapter, rl_adapter, compact, data, *([Path(quantized)] if quantized else [])]
     with open_stage("package", params.model_dump(), out=out, inputs=inputs,
                     metrics=metrics, report=report, device="cpu") as stage:
-        probe, _ = load_model(base)
-        for adapter in (lora_adapter, rl_adapter):
-            problems = adapter_problems(adapter, probe)
+        model, tokenizer = load_model(base, device=stage.device)
+        for adapter in (lora_adapter, rl_adapter):  # merging keeps every shape, so the base checks both
+            problems = adapter_problems(adapter, model)
             if problems:
                 raise SlimforgeError(f"{adapter}: {'; '.join(problems)}")
-        model, tokenizer = merged_model(base, lora_adapter, rl_adapter, stage.device)
+        model = merged_model(model, lora_adapter, rl_adapter)
         val = [r for f in VAL_FILES for r in load_records(data / f, need_answer=True)]
         families = sorted({r["family"] for r in val})
         with torch.no_grad():

@@ -22,6 +22,15 @@ FULL, LORA, RL, COMPACT = "full", "adapters/lora", "adapters/rl", "compact"
 QUANTIZED, CORRECTION = "quantized", "adapters/correction"  # compressed-tensors model + its low-rank correction
 
 
+def slimforge_modules() -> list[str]:
+    """slimforge's packages (slimforge, kernels) imported so far, by where their files lie: another
+    distribution's `kernels` (Hugging Face's kernel hub, which transformers may import) is not ours."""
+    repo = str(Path(__file__).resolve().parents[2])
+    return sorted(name for name, module in list(sys.modules.items())
+                  if name.split(".")[0] in ("slimforge", "kernels")
+                  and str(getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), "")).startswith(repo))
+
+
 def load_quantized(package: Path):
     """The compressed-tensors model (transformers dequantizes it) with its correction through PEFT."""
     from peft import PeftModel
@@ -83,13 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.logits:
         gap = quantized_logits_gap(Path(args.package), Path(args.logits))
-        leaked = sorted(m for m in sys.modules if m.startswith(("slimforge", "kernels")))
+        leaked = slimforge_modules()
         print(json.dumps({"max_abs_logit_gap": gap, "tolerance": args.tolerance, "slimforge_imported": leaked}))
         sys.exit(1 if gap > args.tolerance or leaked else 0)
     if not (args.base and args.data):
         ap.error("--base and --data are required to score the deployables")
     models = load_all(Path(args.package), Path(args.base))
-    leaked = sorted(m for m in sys.modules if m == "slimforge" or m.startswith(("slimforge.", "kernels.")))
+    leaked = slimforge_modules()
     if leaked:
         sys.exit(f"loading the deployables imported {leaked[:3]}: they must load with stock libraries only")
     import torch

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import lowbit, lowbit_tune
+from kernels.lowbit_dequant import dequantize
 from kernels.lowbit_format import dequantize_groups, pack, quantize_groups, storage_bits_per_weight, unpack
 
 _FLUSH: torch.Tensor | None = None
@@ -138,7 +139,7 @@ def forward_rows(args, formats) -> list[dict]:
                 t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)
                 t_low = gpu_time_us(lambda: lowbit.lowbit_linear(x, packed, scale, zero, bits, group), args.reps)
                 moved = n * k * storage_bits_per_weight(bits, group) / 8 + 2 * m * (n + k)
-                row = dict(section="forward", n=n, k=k, bits=bits, group=group, m=m, kernel=lowbit.kernel_kind(m),
+                row = dict(section="forward", n=n, k=k, bits=bits, group=group, m=m, kernel=lowbit.kernel_kind(m, bits),
                            cublas_us=t_cublas, lowbit_us=t_low, ratio=t_cublas / t_low, lowbit_gbps=moved / t_low / 1e3,
                            bandwidth_ratio=16 / storage_bits_per_weight(bits, group), rel_err=err, tuning=tuning)
                 rows.append(row)
@@ -213,13 +214,19 @@ def dx_rows(args, formats) -> list[dict]:
             w16, packed, scale, zero = make_weight(n, k, bits, group)
             w_hat = dequantize_groups(unpack(packed, bits, k), scale, zero, group)
             dy = torch.randn(m, n, device="cuda", dtype=torch.float16)
-            dx = lowbit._input_grad(dy, packed, scale, zero, bits, group, k, None, None)
+            kind = lowbit.kernel_kind(m, bits)  # what lowbit_linear's backward runs at this M
+
+            def input_grad():
+                if kind == "dequant":
+                    return dy @ dequantize(packed, scale, zero, bits, group, k, dy.dtype)
+                return lowbit._input_grad(dy, packed, scale, zero, bits, group, k, None, None)
+
             ref = dy.float() @ w_hat
-            err = ((dx.float() - ref).abs().max() / ref.abs().max()).item()
+            err = ((input_grad().float() - ref).abs().max() / ref.abs().max()).item()
             t_cublas = gpu_time_us(lambda: dy @ w16, args.reps)
-            t_low = gpu_time_us(lambda: lowbit._input_grad(dy, packed, scale, zero, bits, group, k, None, None), args.reps)
-            rows.append(dict(section="dx", n=n, k=k, bits=bits, group=group, m=m, cublas_us=t_cublas, lowbit_us=t_low,
-                             ratio=t_cublas / t_low, rel_err=err))
+            t_low = gpu_time_us(input_grad, args.reps)
+            rows.append(dict(section="dx", n=n, k=k, bits=bits, group=group, m=m, kernel=kind, cublas_us=t_cublas,
+                             lowbit_us=t_low, ratio=t_cublas / t_low, rel_err=err))
             print(f"  {n}x{k} {bits}:{group}: cuBLAS {t_cublas:.1f} us, low-bit {t_low:.1f} us, {t_cublas / t_low:.2f}x, "
                   f"rel err {err:.1e}", flush=True)
             del w16, packed, scale, zero, w_hat
@@ -247,11 +254,13 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}, triton {lowbit.triton.__version__}", flush=True)
 
-    points = [(n, k, b, g, m, lowbit.kernel_kind(m)) for n, k in args.shapes for b, g in formats for m in args.m]
+    points = [(n, k, b, g, m, lowbit.kernel_kind(m, b)) for n, k in args.shapes for b, g in formats for m in args.m]
+    points = [p for p in points if p[-1] != "dequant"]  # cuBLAS + one fixed dequantise kernel: nothing to tune
     if "threshold" not in args.skip:
         points += [(*args.shapes[0], b, 128, m, kind) for b in (4, 2) for m in (2, 4) for kind in ("gemv", "gemm")]
     if "dx" not in args.skip:
-        points += [(n, k, b, g, args.dx_m, "dx") for n, k in args.shapes for b, g in dx_formats(formats)]
+        points += [(n, k, b, g, args.dx_m, "dx") for n, k in args.shapes for b, g in dx_formats(formats)
+                   if lowbit.kernel_kind(args.dx_m, b) != "dequant"]
     precompile(points, args.workers)
     if args.precompile_only:
         return

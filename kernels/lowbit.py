@@ -22,6 +22,9 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
   tile is dequantised to x's dtype (shift, or into 2**23, subtract 2**23 + z, times s) and fed
   to tl.dot. About 9-10 instructions per weight plus a trip through shared memory to reach the
   MMA operand layout: this path is the slow one (see the benchmark).
+- Dequantise + cuBLAS, M >= DEQUANT_MIN_M, 2/4-bit (kernels/lowbit_dequant.py): W_hat in x's dtype
+  from one coalesced Triton pass, then cuBLAS; dx the same way in backward (W_hat recomputed, not
+  saved). The fused kernels below stay for smaller M and for 3-bit weights.
 - dx: tiles of dy @ W_hat computed transposed (dx^T = W_hat^T dy^T), same dequantisation,
   reducing over N; the low-rank term is one extra tl.dot in the epilogue.
 Split-K partials (fp32) go to a workspace; the last program of a tile to arrive (atomic counter)
@@ -52,6 +55,7 @@ import math
 import torch
 
 from kernels.dispatch import use_triton
+from kernels.lowbit_dequant import DEQUANT_BITS, dequant_linear
 from kernels.lowbit_format import check_format, packed_words
 from kernels.lowbit_triton import T_K, T_K_GEMM, T_ROWS, triton
 from kernels.lowbit_tune import config_for, pow2
@@ -63,6 +67,10 @@ if triton is not None:
 # GEMV (grid over rows of x) up to here: H100, 4096x4096, GEMV vs GEMM: W4 M=2 15.6 vs 27.9 us,
 # M=4 20.7 vs 30.4 us; W2 M=4 20.0 vs 22.2 us. Each extra row costs ~2.5 us more.
 GEMV_MAX_M = 4
+# Dequantise + cuBLAS (kernels/lowbit_dequant.py) from here on, 2- and 4-bit: H200, three Llama-8B
+# shapes, it beat the fused GEMM at M = 256 on all six (0.52-0.71x vs 0.25-0.50x cuBLAS) and lost
+# at M = 16 on five (benchmarks/2026-11-29-h200-lowbit-large-m.json; M = 64, 128 not measured).
+DEQUANT_MIN_M = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,8 +94,10 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and not x.is_cuda
 
 
-def kernel_kind(M: int) -> str:
-    return "gemv" if M <= GEMV_MAX_M else "gemm"
+def kernel_kind(M: int, bits: int = 4) -> str:
+    if M <= GEMV_MAX_M:
+        return "gemv"
+    return "dequant" if M >= DEQUANT_MIN_M and bits in DEQUANT_BITS else "gemm"
 
 
 def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | None = None,
@@ -98,7 +108,7 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
     y = torch.empty(M, N, device=x2d.device, dtype=x2d.dtype)
     has_lr = down is not None
     R = down.shape[0] if has_lr else 0
-    kind = kind or kernel_kind(M)
+    kind = kind or kernel_kind(M, bits)
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
 
     def launch(cfg):
@@ -222,6 +232,8 @@ def lowbit_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, ze
         raise ValueError(f"the low-bit kernels take fp16 or bf16 activations, got {x.dtype}")
     if down is not None:  # the kernels read the factors in x's dtype; autograd undoes the cast
         down, up = down.to(x.dtype).contiguous(), up.to(x.dtype).contiguous()
+    if kernel_kind(x.numel() // K, bits) == "dequant":
+        return dequant_linear(x, packed, scale, zero, bits, group, down, up, bias)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, down, up, bias))
     if not grads:  # inference: skip autograd.Function's overhead (it matters at decode sizes)
         y = _forward(x.reshape(-1, K), packed, scale, zero, bits, group, down, up, bias)

@@ -60,7 +60,7 @@ def check(device, bits, group, M, N, K, dtype, rank, bias, seed=0, override=None
     y_ref, g_ref = run(lambda *a, **k: lowbit_matmul_ref(*a, **k))
     stale = [str(buf.nonzero().flatten()[:4].tolist()) for buf in lowbit._COUNTERS.values() if buf.any()]
     name = (f"{device} bits={bits} g={group} M={M} N={N} K={K} {str(dtype)[6:]} rank={rank} bias={bias} "
-            f"{kernel_kind(M)}{' ' + str(override) if override else ''}")
+            f"{kernel_kind(M, bits)}{' ' + str(override) if override else ''}")
     failures = [f"{name}: counters left non-zero at {stale}"] if stale else []
     tol = TOL[dtype]
     if y.dtype != dtype or y.shape != y_ref.shape:
@@ -81,6 +81,11 @@ def plan(device: str) -> list[dict]:
             for M, K, dtype, rank, bias in [(1, 128, torch.float16, 8, True), (3, 256, torch.bfloat16, 0, False),
                                             (17, 256, torch.float16, 0, True), (70, 128, torch.bfloat16, 8, False)]:
                 out.append(dict(bits=bits, group=group, M=M, N=37, K=K, dtype=dtype, rank=rank, bias=bias, seed=bits * 100 + M))
+        # dequantise + matmul (M >= DEQUANT_MIN_M, 2/4-bit): K with 8-unit tiles and K = 96 (1-unit tiles);
+        # 3-bit at that M stays on the fused GEMM
+        for bits, group, K, dtype, rank, bias in ((4, 32, 256, torch.float16, 8, True), (2, 32, 96, torch.bfloat16, 0, False),
+                                                  (4, 32, 96, torch.bfloat16, 4, True), (3, 32, 128, torch.float16, 4, True)):
+            out.append(dict(bits=bits, group=group, M=260, N=37, K=K, dtype=dtype, rank=rank, bias=bias, seed=7))
         # split-K in the GEMM path, a second GEMV tiling
         out.append(dict(bits=4, group=32, M=17, N=37, K=256, dtype=torch.float16, rank=8, bias=True, override={
             "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1)}))
@@ -93,6 +98,10 @@ def plan(device: str) -> list[dict]:
                 rank, bias = (64, M % 2 == 1) if dtype == torch.float16 else (0, M % 2 == 0)
                 out.append(dict(bits=bits, group=group, M=M, N=1037, K=2048, dtype=dtype, rank=rank, bias=bias,
                                 seed=bits * 100 + M))
+    for bits, group in ((4, 128), (2, 64), (3, 128)):  # dequantise + cuBLAS (3-bit: the fused GEMM) at large M
+        for dtype in (torch.float16, torch.bfloat16):
+            out.append(dict(bits=bits, group=group, M=300, N=1037, K=2048, dtype=dtype, rank=16 if bits == 4 else 0,
+                            bias=dtype == torch.float16, seed=bits))
     for override, M in [({"gemv": dict(BLOCK_N=16, BLOCK_KW=256, SPLIT_K=4, num_warps=4, num_stages=1)}, 1),
                         ({"gemv": dict(BLOCK_N=4, BLOCK_KW=128, SPLIT_K=2, num_warps=4, num_stages=1)}, 3),
                         ({"gemm": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=8, num_stages=3)}, 70),

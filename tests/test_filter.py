@@ -15,7 +15,7 @@ from slimforge.tasks.judge import pairwise_prompt, verdict_ids
 from stages.filter.stage import meta_scores, run
 from stages.filter.params import FilterParams
 from slimforge.evaluate.judging import debiased_win
-from stages.filter.ranking import (calibrate_threshold, detection, draw_references, ranking_auc,
+from stages.filter.ranking import (calibrate_threshold, detection, draw_references, mean_win, ranking_auc,
                                    vote)
 from slimforge.io import write_jsonl
 from tests.conftest import small_suite
@@ -39,6 +39,43 @@ def test_vote_counts_only_the_informative_outcomes():
     assert vote(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), ref_correct).item() == 0.0
     # coin flips weigh nothing
     assert vote(torch.full((1, 4), 0.5), ref_correct).item() == 0.0
+
+
+def _simulated_p_win(judge: str, target_correct: torch.Tensor, ref_correct: torch.Tensor, seed: int = 0):
+    """(T, N) win probabilities of a judge of known skill. ideal: 1 / 0.5 / 0 for a better / equally
+    correct / worse target; tie_noisy: ideal plus noise (sd 0.2, clipped); random: uniform; inverted:
+    1 - ideal."""
+    ideal = 0.5 + 0.5 * (target_correct.float()[:, None] - ref_correct.float())
+    gen = torch.Generator().manual_seed(seed)
+    if judge == "ideal":
+        return ideal
+    if judge == "tie_noisy":
+        return (ideal + 0.2 * torch.randn(ideal.shape, generator=gen)).clamp(0, 1)
+    if judge == "random":
+        return torch.rand(ideal.shape, generator=gen)
+    return 1 - ideal
+
+
+@pytest.mark.parametrize("judge, want_mean_win, want_vote", [
+    ("ideal", (1.0, 1.0), (0.5, 0.5)),         # the vote sees nothing from a perfect judge (every score 0)
+    ("tie_noisy", (0.99, 1.0), (0.9, 0.995)),  # noisy ties give the vote its sign back; the mean stays ahead
+    ("random", (0.4, 0.6), (0.4, 0.6)),
+    ("inverted", (0.0, 0.0), (0.0, 0.0)),      # AUC 0: the pool-AUC skill check then keeps every row
+])
+def test_all_outcome_score_and_vote_on_simulated_judges(judge, want_mean_win, want_vote):
+    gen = torch.Generator().manual_seed(1)
+    target_correct = torch.rand(400, generator=gen) < 0.5
+    ref_correct = torch.tensor([[True, True, True, False, False]]).repeat(400, 1)
+    p = _simulated_p_win(judge, target_correct, ref_correct)
+    wrong = (~target_correct).tolist()
+    auc_mean = ranking_auc(mean_win(p, ref_correct).tolist(), wrong)
+    auc_vote = ranking_auc(vote(p, ref_correct).tolist(), wrong)
+    assert want_mean_win[0] <= auc_mean <= want_mean_win[1], auc_mean
+    assert want_vote[0] <= auc_vote <= want_vote[1], auc_vote
+    if judge == "ideal":  # 0.75 for a correct target, 0.25 for a wrong one, whatever the reference mix
+        assert set(mean_win(p, ref_correct).tolist()) == {0.25, 0.75}
+        only_wrong_refs = mean_win(p[:, 3:], ref_correct[:, 3:])  # one kind drawn: that kind's mean
+        assert torch.equal(only_wrong_refs, torch.where(target_correct, 1.0, 0.5))
 
 
 def test_both_orders_cancel_position_bias():

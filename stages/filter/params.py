@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from slimforge.config import Schedule, Schema
@@ -28,6 +30,9 @@ class FilterParams(Schema):
                       "response and a boolean `correct` (a path; dvc.yaml depends on exactly this file)")
     references: int = Field(5, ge=1, description="references each target is compared with")
     balanced: bool = Field(True, description="draw ceil(N/2) correct and floor(N/2) wrong references")
+    score: Literal["mean_win", "vote"] = Field("mean_win", description="mean_win: mean win probability against "
+                                               "correct and against wrong references, averaged (every outcome counts); "
+                                               "vote: the paper's weighted vote (stages/filter/ranking.py)")
     threshold: float | None = Field(None, description="keep when the score reaches this; null: calibrated "
                                     "on the pool (best Youden J at catching its wrong rows)")
     min_pool_auc: float = Field(0.6, ge=0.0, le=1.0, description="skill check of a calibrated threshold: when "

@@ -8,12 +8,25 @@ which of the two is correct, in both orders; the debiased probability that the t
 
     p = ( P(A | target shown as A) + P(B | target shown as B) ) / 2
 
-Evidence (with confidence c = |2p - 1|, so a coin-flip verdict weighs nothing):
+Two scores (params `score`):
+
+mean_win (default), every outcome counts: the target's mean win probability against its correct
+references and, separately, against its wrong ones, averaged (so the draw's mix of correct and wrong
+references does not shift the score). A correct target ties correct references and beats wrong
+ones; a wrong target loses to correct ones and ties wrong ones: under an ideal judge the two score
+0.75 and 0.25, whatever N.
+
+vote (the paper's weighted vote), with confidence c = |2p - 1|, so a coin-flip verdict weighs nothing:
     target beats a correct reference  -> reliable,   + c
     target loses to a wrong reference -> unreliable, - c
 The other two outcomes (losing to a correct reference, beating a wrong one) are what a correct
 *and* a wrong target would both do against a weak judge, so they carry no vote. The score is the
-mean evidence over the N references, in [-1, 1]; a target is kept when its score reaches the
+mean evidence over the N references, in [-1, 1]. Under an ideal judge it is 0 for every target (a
+correct target ties correct references, c = 0, and beats wrong ones, which the vote ignores). Any
+noise in the tie verdicts gives it its sign back: on simulated judges (tests/test_filter.py; ties
+plus Gaussian noise of sd 0.05-0.5) the vote's pool AUC is 0.99-0.90, the mean's 1.0-0.94.
+
+Either way a target is kept when its score reaches the
 threshold, calibrated on the labelled pool itself (each pool item scored against N others, the
 threshold maximising Youden's J).
 """
@@ -58,6 +71,23 @@ def vote(p_win: torch.Tensor, ref_correct: torch.Tensor) -> torch.Tensor:
     conf_loss = (1 - 2 * p_win).clamp(min=0)
     evidence = torch.where(ref_correct, conf_win, -conf_loss)
     return evidence.mean(-1)
+
+
+def mean_win(p_win: torch.Tensor, ref_correct: torch.Tensor) -> torch.Tensor:
+    """All-outcome score per target: mean p_win against correct references and against wrong ones,
+    averaged; a target whose draw has only one kind gets that kind's mean. In [0, 1]."""
+    def class_mean(mask):
+        n = mask.sum(-1)
+        return (p_win * mask).sum(-1) / n.clamp(min=1), n > 0
+    vs_good, has_good = class_mean(ref_correct.float())
+    vs_bad, has_bad = class_mean((~ref_correct).float())
+    both = (vs_good + vs_bad) / 2
+    return torch.where(has_good & has_bad, both, torch.where(has_good, vs_good, vs_bad))
+
+
+def reliability(p_win: torch.Tensor, ref_correct: torch.Tensor, score: str) -> torch.Tensor:
+    """The score named by params `score` ("mean_win" or "vote")."""
+    return vote(p_win, ref_correct) if score == "vote" else mean_win(p_win, ref_correct)
 
 
 def detection(flagged: list[bool], wrong: list[bool]) -> dict[str, float]:

@@ -21,7 +21,7 @@ from slimforge.tasks.records import load_records
 from slimforge.training import train_causal_lm
 from stages.filter.downstream import downstream_accuracy
 from stages.filter.params import FilterParams
-from stages.filter.ranking import calibrate_threshold, detection, draw_references, ranking_auc, vote
+from stages.filter.ranking import calibrate_threshold, detection, draw_references, ranking_auc, reliability
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +37,17 @@ def load_pool(path: Path) -> list[dict]:
 
 
 def meta_scores(judge, tokenizer, targets: list[dict], pool: list[dict], n: int, balanced: bool, seed: int,
-                batch_size: int, exclude: list[int] | None = None, cache: Path | None = None) -> torch.Tensor:
-    """Meta Ranking score per target. With `cache`, finished chunks are appended to it and reused."""
+                batch_size: int, exclude: list[int] | None = None, cache: Path | None = None,
+                score: str = "mean_win") -> torch.Tensor:
+    """Meta Ranking score per target (`score`: mean_win or vote, stages/filter/ranking.py). With
+    `cache`, finished chunks are appended to it and reused (only those of the same score)."""
     try:
         draws = draw_references(len(targets), [p["correct"] for p in pool], n, balanced, seed, exclude)
     except ValueError as err:
         raise SlimforgeError(str(err)) from None
     done = {}
     if cache is not None and cache.exists():
-        done = {r["i"]: r["score"] for r in read_jsonl(cache)}
+        done = {r["i"]: r["score"] for r in read_jsonl(cache) if r.get("kind", "vote") == score}
     scores = torch.empty(len(targets))
     bar = progress(desc=f"meta ranking ({n} references each)", total=len(targets), unit="row", log=log)
     for start in range(0, len(targets), CHUNK):
@@ -57,10 +59,10 @@ def meta_scores(judge, tokenizer, targets: list[dict], pool: list[dict], n: int,
         refs = [[pool[j] for j in draws[i]] for i in idx]
         p_win = pairwise_win_probs(judge, tokenizer, [targets[i] for i in idx], refs, batch_size)
         ref_correct = torch.tensor([[pool[j]["correct"] for j in draws[i]] for i in idx])
-        scores[idx] = vote(p_win, ref_correct)
+        scores[idx] = reliability(p_win, ref_correct, score)
         if cache is not None:
             with open(cache, "a") as f:
-                f.writelines(json.dumps({"i": i, "score": float(scores[i])}) + "\n" for i in idx)
+                f.writelines(json.dumps({"i": i, "kind": score, "score": float(scores[i])}) + "\n" for i in idx)
         bar.update(len(idx))
     bar.close()
     return scores
@@ -87,13 +89,13 @@ def filter_rows(judge, tokenizer, targets: list[dict], pool: list[dict], params:
     pool_auc = None
     if params.threshold is None:
         pool_scores = meta_scores(judge, tokenizer, pool, pool, params.references, params.balanced, params.seed + 1,
-                                  params.batch_size, exclude=list(range(len(pool))))
+                                  params.batch_size, exclude=list(range(len(pool))), score=params.score)
         threshold, pool_auc = pool_threshold(pool_scores.tolist(), correct, params.min_pool_auc)
     else:
         threshold = params.threshold
     started = time.perf_counter()
     scores = meta_scores(judge, tokenizer, targets, pool, params.references, params.balanced, params.seed,
-                         params.batch_size, cache=cache_dir / f"scores-round{round_}.jsonl")
+                         params.batch_size, cache=cache_dir / f"scores-round{round_}.jsonl", score=params.score)
     seconds = time.perf_counter() - started
     return {"scores": scores, "threshold": threshold, "pool_auc": pool_auc, "kept": _keep(scores, threshold),
             "pairs_per_s": len(targets) * params.references / max(seconds, 1e-9)}

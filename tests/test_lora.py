@@ -205,7 +205,7 @@ def test_stage_end_to_end(tmp_path, suite_dir, tokenizer, prune_weights):
     for variant in m["results"].values():  # every variant scored on lora_val (what ablations select on) and on
         assert 0 <= variant["accuracy_lora_val"] <= 1  # val.jsonl's base families (did it keep them?)
         assert set(variant["accuracy_val"]) == {"add3", "add", "sub", "mul"} and 0 <= variant["accuracy_base_val"] <= 1
-    assert m["replay_rows"] == 20 and m["train_rows"] == 40  # ratio 1: one base-family row per training row
+    assert m["replay_rows"] == 40 and m["train_rows"] == 60  # ratio 2: two base-family rows per training row
     metrics = json.loads((tmp_path / "m.json").read_text())
     recovered = metrics["results"]["recovered"]
     assert set(recovered) == {"accuracy_lora", "accuracy_lora_val", "ci95"}

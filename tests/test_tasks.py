@@ -168,3 +168,39 @@ def test_data_stage_checks_user_files_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SlimforgeError, match=r"user_data/mine.jsonl:2: field 'family' must be str, got null"):
         stage.run(params, tmp_path / "tasks", tmp_path / "labels", tmp_path / "m.json")
     assert not (tmp_path / "tasks").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_systematic_error_modes_give_the_intended_wrong_answers():
+    from slimforge.tasks.families import systematic_answer
+
+    assert systematic_answer("457+368=", 825, "no_carry") == 715  # 4+3, 5+6 -> 1, 7+8 -> 5: carries dropped
+    assert systematic_answer("52-38=", 14, "no_carry") == 24      # 5-3, 2-8 -> 4: borrow dropped
+    assert systematic_answer("457+368=", 825, "wrong_op") == 89   # the difference for a sum
+    assert systematic_answer("52-38=", 14, "wrong_op") == 90      # the sum for a difference
+    assert systematic_answer("7*12=", 84, "wrong_op") == 19
+    assert systematic_answer("123+456=", 579, "no_carry") is None  # no carry: the mode is right here
+    assert systematic_answer("7*12=", 84, "no_carry") is None
+    assert systematic_answer("7*12=", 84, "random") is None
+
+
+def test_noisy_set_with_error_modes_is_wrong_in_those_ways():
+    from slimforge.tasks.families import systematic_answer
+    from slimforge.tasks.suite import noisy_records
+
+    rows, labels = noisy_records(("add3",), 400, 0.5, 0.5, random.Random(0), {"no_carry": 1.0})
+    wrong = [(r, _value(r["prompt"])) for r, lab in zip(rows, labels) if not lab["correct"]]
+    assert all(int(r["response"]) != v for r, v in wrong)
+    by_rule = sum(int(r["response"]) == systematic_answer(r["prompt"], v, "no_carry") for r, v in wrong)
+    assert by_rule / len(wrong) > 0.8  # the rest: problems without a carry, which fall back to a random slip
+    default, _ = noisy_records(("add3",), 50, 0.5, 0.5, random.Random(0))
+    again, _ = noisy_records(("add3",), 50, 0.5, 0.5, random.Random(0), None)
+    assert default == again  # no error modes: no extra random draw, the default files are unchanged
+
+
+def test_unknown_error_mode_is_refused_naming_the_allowed_ones():
+    from slimforge.config import parse_params
+    from stages.data.params import DataParams
+
+    with pytest.raises(SlimforgeError, match=r"noisy.error_modes: .*shares >= 0 \(not all 0\) of random, no_carry, "
+                                             r"wrong_op; got \{'typo': 1.0\}"):
+        parse_params({"noisy": {"error_modes": {"typo": 1.0}}}, DataParams, "params/data.yaml")

@@ -81,6 +81,30 @@ def sample_problems(family: str, split: str, n: int, rng: random.Random, unique:
     return out
 
 
+ERROR_MODES = ("random", "no_carry", "wrong_op")
+
+
+def systematic_answer(prompt: str, value: int, mode: str) -> int | None:
+    """The answer a labeller with a systematic error gives, or None where the mode happens to give
+    the right answer (or does not apply). `no_carry`: column sums without carries (+) or borrows
+    (-); `wrong_op`: the neighbouring question -- the difference for a sum, the sum for a
+    difference or product. Unlike corrupt()'s random slips, these are a rule a model can learn."""
+    m = re.fullmatch(r"(\d+)([+\-*])(\d+)=", prompt)
+    if m is None or mode not in ("no_carry", "wrong_op"):
+        return None
+    a, op, b = int(m[1]), m[2], int(m[3])
+    if mode == "wrong_op":
+        wrong = abs(a - b) if op == "+" else a + b
+    elif op == "*":
+        return None
+    else:
+        width = max(len(m[1]), len(m[3]))
+        da, db = m[1].zfill(width), m[3].zfill(width)
+        column = (lambda x, y: (x + y) % 10) if op == "+" else (lambda x, y: (x - y) % 10)
+        wrong = int("".join(str(column(int(x), int(y))) for x, y in zip(da, db)))
+    return wrong if wrong != value else None
+
+
 def corrupt(value: int, rng: random.Random, gross: bool = False) -> int:
     """A wrong answer, never equal to `value` and never negative.
 

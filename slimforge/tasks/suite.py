@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 
-from slimforge.tasks.families import (BASE_FAMILIES, LORA_FAMILY, RL_FAMILY, corrupt,
+from slimforge.tasks.families import (BASE_FAMILIES, LORA_FAMILY, RL_FAMILY, corrupt, systematic_answer,
                                       sample_problems)
 from slimforge.tasks.judge import pairwise_record, verify_record
 
@@ -70,8 +70,20 @@ def judge_records(families: tuple[str, ...], split: str, n: int, gross_fraction:
     return out
 
 
+def wrong_answer(prompt: str, value: int, rng: random.Random, gross: bool, error_modes: dict[str, float] | None) -> int:
+    """A wrong answer: corrupt()'s random slips, or with `error_modes` ({mode: share}, modes from
+    families.ERROR_MODES) a mode drawn by share, falling back to a random slip where the mode gives
+    the right answer. No extra draw without `error_modes`, so the default files stay as they were."""
+    if error_modes:
+        mode = rng.choices(list(error_modes), weights=list(error_modes.values()))[0]
+        systematic = systematic_answer(prompt, value, mode)
+        if systematic is not None:
+            return systematic
+    return corrupt(value, rng, gross)
+
+
 def noisy_records(families: tuple[str, ...], n: int, wrong_fraction: float, gross_fraction: float,
-                  rng: random.Random) -> tuple[list[dict], list[dict]]:
+                  rng: random.Random, error_modes: dict[str, float] | None = None) -> tuple[list[dict], list[dict]]:
     """The instruction set (no answers) and its sidecar labels, joined by `id`."""
     records, labels = [], []
     for i in range(n):
@@ -80,23 +92,24 @@ def noisy_records(families: tuple[str, ...], n: int, wrong_fraction: float, gros
         wrong = rng.random() < wrong_fraction
         gross = rng.random() < gross_fraction
         rid = f"noisy-{i:06d}"
-        records.append({"id": rid, "prompt": p, "response": str(corrupt(v, rng, gross) if wrong else v),
-                        "family": fam})
+        records.append({"id": rid, "prompt": p, "family": fam,
+                        "response": str(wrong_answer(p, v, rng, gross, error_modes) if wrong else v)})
         labels.append({"id": rid, "correct": not wrong})
     return records, labels
 
 
-def reference_records(families: tuple[str, ...], n: int, gross_fraction: float, rng: random.Random
-                      ) -> list[dict]:
-    """A small labelled pool, half correct and half wrong, drawn from the val split so it never
-    overlaps the instruction set (train split) or the test split."""
+def reference_records(families: tuple[str, ...], n: int, gross_fraction: float, rng: random.Random,
+                      error_modes: dict[str, float] | None = None) -> list[dict]:
+    """A small labelled pool, half correct and half wrong (the noisy set's error modes), drawn from
+    the val split so it never overlaps the instruction set (train split) or the test split."""
     out = []
     for i in range(n):
         fam = families[i % len(families)]
         (p, v), = sample_problems(fam, "val", 1, rng, unique=False)
         correct = i % 2 == 0
         gross = rng.random() < gross_fraction
-        out.append({"id": f"ref-{i:05d}", "prompt": p, "response": str(v if correct else corrupt(v, rng, gross)),
+        out.append({"id": f"ref-{i:05d}", "prompt": p,
+                    "response": str(v if correct else wrong_answer(p, v, rng, gross, error_modes)),
                     "family": fam, "correct": correct})
     return out
 
@@ -105,12 +118,15 @@ def build_suite(seed: int, n_train: dict[str, int], n_val: int, n_test: int, n_j
                 n_judge_test: int, n_lora: tuple[int, int, int], n_rl: tuple[int, int, int],
                 noisy_families: tuple[str, ...], n_noisy: int, wrong_fraction: float,
                 n_references: int, gross_fraction: float = 0.5,
-                judge_families: tuple[str, ...] = BASE_FAMILIES) -> tuple[dict[str, list[dict]], list[dict]]:
+                judge_families: tuple[str, ...] = BASE_FAMILIES,
+                error_modes: dict[str, float] | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
     """All suite files as {filename: records}, plus the sidecar labels. Deterministic in `seed`:
     each file draws from its own generator, so resizing one file leaves the others unchanged.
     `gross_fraction` of the wrong answers (judge items, noisy set, references) are gross errors.
     `judge_families`: the families the judge items show; a held-out family listed here appears in
-    pretraining only inside judge prompts, never as a problem the model is trained to answer."""
+    pretraining only inside judge prompts, never as a problem the model is trained to answer.
+    `error_modes`: how the noisy set and the reference pool are wrong ({mode: share}; None: random
+    slips, families.corrupt)."""
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}:{name}")
 
@@ -131,7 +147,7 @@ def build_suite(seed: int, n_train: dict[str, int], n_val: int, n_test: int, n_j
     for split, n in zip(("train", "val", "test"), n_rl):
         files[f"rl_{split}.jsonl"] = task_records(RL_FAMILY, split, n, rng(f"rl:{split}"), unique=True)
     files["noisy.jsonl"], labels = noisy_records(noisy_families, n_noisy, wrong_fraction, gross_fraction,
-                                                 rng("noisy"))
+                                                 rng("noisy"), error_modes)
     files["references.jsonl"] = reference_records(noisy_families, n_references, gross_fraction,
-                                                  rng("references"))
+                                                  rng("references"), error_modes)
     return files, labels

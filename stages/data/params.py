@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from slimforge.config import Schema
-from slimforge.tasks.families import BASE_FAMILIES, FAMILIES
+from slimforge.tasks.families import BASE_FAMILIES, ERROR_MODES, FAMILIES
 from slimforge.tasks.suite import LABELS_FILE, SUITE_FILES
 
 
@@ -35,11 +35,23 @@ class NoisySet(Schema):
     families: list[str] = Field(["add3"], description="families the instruction set draws from")
     size: int = Field(3000, ge=1, description="number of instruction records")
     wrong_fraction: float = Field(0.3, ge=0.0, le=1.0, description="share of wrong responses")
+    error_modes: dict[str, float] = Field({"no_carry": 0.5, "wrong_op": 0.5}, description="how the wrong responses (and the "
+                                          "reference pool's) are wrong, {mode: share}: random (slips), no_carry "
+                                          "(column sums without carries/borrows), wrong_op (the neighbouring "
+                                          "question's answer); slimforge/tasks/families.py")
 
     @field_validator("families")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         return known_families(v)
+
+    @field_validator("error_modes")
+    @classmethod
+    def _modes(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(ERROR_MODES))
+        if unknown or not v or any(share < 0 for share in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"error modes must be shares >= 0 (not all 0) of {', '.join(ERROR_MODES)}; got {v}")
+        return v
 
 
 class DataParams(Schema):

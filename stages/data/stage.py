@@ -34,7 +34,8 @@ def run(params: DataParams, out: str | Path, labels: str | Path, metrics: str | 
             n_rl=(params.rl.train, params.rl.val, params.rl.test), noisy_families=tuple(params.noisy.families),
             n_noisy=params.noisy.size, wrong_fraction=params.noisy.wrong_fraction,
             n_references=params.references, gross_fraction=params.gross_fraction,
-            judge_families=tuple(params.judge_families))
+            judge_families=tuple(params.judge_families),
+            error_modes=None if params.noisy.error_modes == {"random": 1.0} else params.noisy.error_modes)
         if user_labels is not None:
             label_rows = user_labels
         elif "noisy.jsonl" in user:

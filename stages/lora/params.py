@@ -36,7 +36,7 @@ class Replay(Schema):
     so the adapted model learns the new family without forgetting the old ones: without them the
     adapter took the base families from 0.93 to 0.07."""
 
-    ratio: float = Field(1.0, ge=0, description="replay rows per training row (0: off)")
+    ratio: float = Field(2.0, ge=0, description="replay rows per training row (0: off)")
     files: list[str] = Field(["train.jsonl"], description="suite files (in the data folder) they are drawn from")
 
 
@@ -66,7 +66,7 @@ class LoraParams(Schema):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
     targets: list[str] = Field(list(PROJECTIONS), description=f"projections that get adapters, among {PROJECTIONS}")
     replay: Replay = Field(Replay(), description="base-family rows mixed into the LoRA training rows")
-    train: Train = Field(Train(steps=300, lr=2e-3, warmup_steps=20, batch_size=64, checkpoint_every=100),
+    train: Train = Field(Train(steps=600, lr=2e-3, warmup_steps=20, batch_size=64, checkpoint_every=100),
                          description="the LoRA runs")
     align: Align = Field(Align(steps=600, lr=3e-4, warmup_steps=10, batch_size=64, checkpoint_every=100),
                          description="optional alignment of the pruned model before LoRA")

@@ -55,7 +55,11 @@ STOCK = {"slimforge_pruned_llama": ("llama", "LlamaForCausalLM"), "slimforge_pru
          "slimforge_pruned_mistral": ("mistral", "MistralForCausalLM"),
          "llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
          "mistral": ("mistral", "MistralForCausalLM")}
-EXPORT_BITS = (2, 3, 4)  # every width the quantize stage writes; pack-quantized holds 1..8
+EXPORT_BITS = (2, 3, 4)
+
+
+class ExportUnsupported(SlimforgeError):
+    """The model cannot be written in the format as is (the package stage may skip the export)."""  # every width the quantize stage writes; pack-quantized holds 1..8
 WIDTH_KEYS = ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_sizes")
 
 
@@ -112,12 +116,13 @@ def relayout_quantized(m: QuantLinear, rows: torch.Tensor, cols: torch.Tensor, s
     (N, K) weight. Padding weights dequantize to exactly 0 (code = the group's zero point)."""
     n, k, group = *shape, m.group
     if k % group:
-        raise SlimforgeError(f"{where}: the stock layout's {k} input features are not a multiple of group {group}")
+        raise ExportUnsupported(f"{where}: the stock layout's {k} input features are not a multiple of group {group} "
+                                "(compressed-tensors stores whole groups; quantize with a group that divides it)")
     src_groups, dst_groups = torch.arange(m.in_features) // group, cols // group
     owner = {}
     for s, d in zip(src_groups.tolist(), dst_groups.tolist()):
         if owner.setdefault(d, s) != s:
-            raise SlimforgeError(f"{where}: padding to the stock layout would put two quantization groups' weights in "
+            raise ExportUnsupported(f"{where}: padding to the stock layout would put two quantization groups' weights in "
                                  f"one group of {group} (a layer keeps a head count whose width is not a multiple of "
                                  "the group); export a model with uniform widths or quantize with a smaller group")
     codes = unpack(m.packed, m.bits, m.packed_in_features)[:, :m.in_features].to(torch.int64)
@@ -145,7 +150,7 @@ def stock_config(config, target: dict):
     from transformers import AutoConfig
 
     if config.model_type not in STOCK:
-        raise SlimforgeError(f"model type {config.model_type!r} cannot be exported to compressed-tensors "
+        raise ExportUnsupported(f"model type {config.model_type!r} cannot be exported to compressed-tensors "
                              f"(supported: {', '.join(sorted(STOCK))})")
     model_type, arch = STOCK[config.model_type]
     values = {k: v for k, v in config.to_dict().items()
@@ -198,7 +203,7 @@ def export_compressed_tensors(quantized: str | Path, out: str | Path, adapter_ou
     target["inter"] = -(-target["inter"] // down_group) * down_group  # the stock width must hold whole groups
     bad = sorted({m.bits for m in quantized_modules.values()} - set(EXPORT_BITS))
     if bad:
-        raise SlimforgeError(f"{quantized}: {bad}-bit weights cannot be exported (allowed: {EXPORT_BITS})")
+        raise ExportUnsupported(f"{quantized}: {bad}-bit weights cannot be exported (allowed: {EXPORT_BITS})")
     dtype = model.model.embed_tokens.weight.dtype
     state, adapter, dense = {}, {}, []
     for name, tensor in model.state_dict().items():  # embeddings, norms, lm_head: as they are

@@ -178,3 +178,16 @@ def test_a_name_holding_other_models_is_refused(tmp_path, tokenizer):
     with pytest.raises(SlimforgeError, match="exists and holds models that are not slimforge's"):
         registry.check_compatible("not-ours")
     registry.check_compatible("never-registered")  # a new name is fine
+
+
+def test_a_model_the_export_format_cannot_hold_is_skipped_or_refused(inputs, suite_dir, tokenizer):
+    """Group 64 on a 32-wide model: slimforge pads K, compressed-tensors stores whole groups only."""
+    quantized = pack_linears(load_model(inputs / "base")[0], 4, 64, rank=2)
+    save_quantized(quantized, tokenizer, inputs / "base", inputs / "quantized")  # replaces the fixture's g32
+    with pytest.raises(SlimforgeError, match=r"q_proj: the stock layout's 32 input features are not a multiple of "
+                                             r"group 64 \(compressed-tensors stores whole groups"):
+        _run(inputs, suite_dir, register_model=False, quantized_export="required")
+    assert not (inputs / "package").exists()
+    m = _run(inputs, suite_dir, register_model=False)  # auto: the other deployables ship, the reason is recorded
+    assert "quantized" not in m["deployables"] and "not a multiple of group 64" in m["compressed_tensors"]["skipped"]
+    assert not (inputs / "package" / "quantized").exists() and (inputs / "package" / "full").is_dir()

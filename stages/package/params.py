@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from slimforge.config import Schema
@@ -16,3 +18,6 @@ class PackageParams(Schema):
     check: bool = Field(True, description="load every deployable in a fresh process and score it on the test "
                         "split; fail unless it matches the pipeline's measurement within the interval")
     eval_batch_size: int = Field(256, gt=0, description="sequences per evaluation batch")
+    quantized_export: Literal["auto", "required", "off"] = Field(
+        "auto", description="the compressed-tensors export of --quantized: auto skips it (reason in the metrics) "
+        "when the format cannot hold the model as is (e.g. a group wider than a layer), required fails then, off skips it")

@@ -4,6 +4,7 @@ in __main__.py (which checks the params before importing this module)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from slimforge.adapters import load_adapter
 from slimforge.evaluate import evaluate
 from slimforge.io import content_hash, file_hash, read_json
 from slimforge.modeling import count_parameters, load_model
-from slimforge.ct_export import export_compressed_tensors
+from slimforge.ct_export import ExportUnsupported, export_compressed_tensors
 from slimforge.quantized import is_quantized
 from slimforge.stage import open_stage
 from slimforge.tasks.records import load_records
@@ -27,6 +28,7 @@ from stages.package.card import model_card
 from stages.package.check import COMPACT, CORRECTION, FULL, LORA, QUANTIZED, RL
 from stages.package.params import PackageParams
 
+log = logging.getLogger(__name__)
 VAL_FILES = ("val.jsonl", "lora_val.jsonl", "rl_val.jsonl")  # the champion metric reads these, never test
 TEST_FILES = ("test.jsonl", "lora_test.jsonl", "rl_test.jsonl")
 PROMPT_FORMAT = ("the raw problem text, e.g. `51+2-29=`; the model continues with the answer and EOS "
@@ -165,9 +167,10 @@ def run(params: PackageParams, base: str | Path, lora: str | Path, rl: str | Pat
             shutil.copytree(lora_adapter, tmp / LORA, ignore=shutil.ignore_patterns("merge_first.json"))
             shutil.copytree(rl_adapter, tmp / RL)
             shutil.copytree(compact, tmp / COMPACT)
-            export = export_compressed_tensors(quantized, tmp / QUANTIZED, tmp / CORRECTION) if quantized else None
+            export = standard_export(params, quantized, tmp) if quantized else None
             measured = fresh_process_scores(tmp, base, data, params.eval_batch_size) if params.check else {}
-            wrong = mismatches(expected_scores(reports, bool(quantized)), measured) if params.check else []
+            exported = bool(export) and "skipped" not in export
+            wrong = mismatches(expected_scores(reports, exported), measured) if params.check else []
             if wrong:
                 raise SlimforgeError("packaged models do not reproduce the pipeline's accuracy: " + "; ".join(wrong))
             sizes = {kind: size_of(tmp / kind) for kind in (FULL, LORA, RL, COMPACT, QUANTIZED, CORRECTION)
@@ -184,6 +187,21 @@ def run(params: PackageParams, base: str | Path, lora: str | Path, rl: str | Pat
             "parameters_full": count_parameters(model)}
         return stage.finish(result, headline=["val.accuracy_macro", "val.ci95.*", "test.full.accuracy.*",
                                               "sizes.*.bytes", "registry.version", "registry.promoted"])
+
+
+def standard_export(params: PackageParams, quantized: Path, tmp: Path) -> dict | None:
+    """The compressed-tensors export into tmp (quantized/, adapters/correction), or {"skipped": why}."""
+    if params.quantized_export == "off":
+        return {"skipped": "quantized_export: off"}
+    try:
+        return export_compressed_tensors(quantized, tmp / QUANTIZED, tmp / CORRECTION)
+    except ExportUnsupported as err:
+        if params.quantized_export == "required":
+            raise
+        for folder in (tmp / QUANTIZED, tmp / CORRECTION):
+            shutil.rmtree(folder, ignore_errors=True)
+        log.warning("package: no compressed-tensors export: %s", err)
+        return {"skipped": str(err)}
 
 
 def suite_files(params: PackageParams) -> list[str]:

@@ -1,12 +1,14 @@
-"""Issue 19 probe (not wired into kernels/lowbit.py yet): at large M, does "dequantise the packed
-weight to fp16 with one Triton kernel, then cuBLAS" beat slimforge's fused Triton GEMM, and where is
-the crossover? Same harness as kernels.bench_lowbit (cold L2, CUDA events, median), same run.
+"""Issue 19 probe: at large M, does "dequantise the packed weight to fp16 with one Triton kernel
+(kernels/lowbit_dequant.py), then cuBLAS" beat slimforge's fused Triton GEMM, and where is the
+crossover (what set kernels.lowbit.DEQUANT_MIN_M)? Same harness as kernels.bench_lowbit (cold L2, CUDA events, median), same run.
 
     python -m experiments.lowbit_large_m --out benchmarks/<date>-h200-lowbit-large-m.json
 
 Rows: per shape, format (bits:group) and M: cuBLAS fp16 alone, the fused Triton GEMM
 (kernels.lowbit.lowbit_linear), and dequantise + cuBLAS (the transient fp16 W_hat costs N*K*2 bytes),
-with ratios to cuBLAS; the dequantise kernel alone; and the max relative error of each path.
+with ratios to cuBLAS; the dequantise kernel alone; and the max relative error of each path. (The
+committed probe JSONs were measured with the kernel's first copy here, writing into a preallocated
+buffer; the library allocates per call, from the caching allocator.)
 """
 
 from __future__ import annotations
@@ -19,45 +21,11 @@ import subprocess
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from kernels import lowbit
 from kernels.bench_lowbit import gpu_time_us, make_weight
+from kernels.lowbit_dequant import dequantize
 from kernels.lowbit_format import dequantize_groups, unpack
-
-
-@triton.jit
-def _dequant_kernel(packed, scale, zero, out, N, K, stride_p, stride_s, stride_o,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, UNITS: tl.constexpr):
-    """W_hat = (q - z) * s for the interleaved 2/4-bit layout (kernels/lowbit_format.py): field i of
-    word U*u + j (U = BITS) is column 32u + U*i + j. A tile of UNITS units per row is loaded once
-    (coalesced), expanded in registers to (rows, unit, field, j) -- which is column order -- and
-    stored as one contiguous (rows, 32 * UNITS) block."""
-    FIELDS: tl.constexpr = 32 // BITS
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    units = tl.program_id(1) * UNITS + tl.arange(0, UNITS)
-    words = units[:, None] * BITS + tl.arange(0, BITS)[None, :]  # (UNITS, U)
-    row_ok = rows < N
-    w = tl.load(packed + rows[:, None, None] * stride_p + words[None, :, :], mask=row_ok[:, None, None], other=0)
-    shifts = tl.arange(0, FIELDS) * BITS
-    q = ((w[:, :, None, :] >> shifts[None, None, :, None]) & ((1 << BITS) - 1)).to(tl.float32)  # (N, UNITS, F, U)
-    g = units * 32 // GROUP
-    s = tl.load(scale + rows[:, None] * stride_s + g[None, :], mask=row_ok[:, None], other=1.0).to(tl.float32)
-    z = tl.load(zero + rows[:, None] * stride_s + g[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    val = (q - z[:, :, None, None]) * s[:, :, None, None]
-    val = tl.reshape(val, (BLOCK_N, UNITS * 32))
-    cols = tl.program_id(1) * UNITS * 32 + tl.arange(0, UNITS * 32)
-    tl.store(out + rows[:, None] * stride_o + cols[None, :], val.to(out.dtype.element_ty), mask=row_ok[:, None])
-
-
-def dequantize_fp16(packed, scale, zero, bits, group, k, out=None):
-    n = packed.shape[0]
-    out = out if out is not None else torch.empty(n, k, device=packed.device, dtype=torch.float16)
-    units = 8 if k % 256 == 0 else 1  # K is a multiple of 32 (the packing's unit)
-    grid = (triton.cdiv(n, 16), k // (32 * units))
-    _dequant_kernel[grid](packed, scale, zero, out, n, k, packed.stride(0), scale.stride(0), out.stride(0),
-                          BITS=bits, GROUP=group, BLOCK_N=16, UNITS=units, num_warps=4)
-    return out
 
 
 def main() -> None:
@@ -71,19 +39,18 @@ def main() -> None:
         for bits, group in formats:
             w16, packed, scale, zero = make_weight(n, k, bits, group)
             w_hat = dequantize_groups(unpack(packed, bits, k), scale, zero, group)
-            buf = torch.empty(n, k, device="cuda", dtype=torch.float16)
-            assert torch.equal(dequantize_fp16(packed, scale, zero, bits, group, k, buf), w_hat.half())
-            t_deq = gpu_time_us(lambda: dequantize_fp16(packed, scale, zero, bits, group, k, buf), args.reps)
+            assert torch.equal(dequantize(packed, scale, zero, bits, group, k, torch.float16), w_hat.half())
+            t_deq = gpu_time_us(lambda: dequantize(packed, scale, zero, bits, group, k, torch.float16), args.reps)
             for m in args.m:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 ref = x.float() @ w_hat.t()
                 fused = lowbit.lowbit_linear(x, packed, scale, zero, bits, group)  # tunes on first use
-                split = F.linear(x, dequantize_fp16(packed, scale, zero, bits, group, k, buf))
+                split = F.linear(x, dequantize(packed, scale, zero, bits, group, k, torch.float16))
                 err = {name: ((y.float() - ref).abs().max() / ref.abs().max()).item()
                        for name, y in (("fused", fused), ("dequant_cublas", split))}
                 t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)
                 t_fused = gpu_time_us(lambda: lowbit.lowbit_linear(x, packed, scale, zero, bits, group), args.reps)
-                t_split = gpu_time_us(lambda: F.linear(x, dequantize_fp16(packed, scale, zero, bits, group, k, buf)),
+                t_split = gpu_time_us(lambda: F.linear(x, dequantize(packed, scale, zero, bits, group, k, torch.float16)),
                                       args.reps)
                 row = dict(section="forward", n=n, k=k, bits=bits, group=group, m=m, cublas_us=t_cublas, fused_us=t_fused,
                            dequant_cublas_us=t_split, dequant_only_us=t_deq, fused_ratio=t_cublas / t_fused,
@@ -95,11 +62,11 @@ def main() -> None:
             dy = torch.randn(2048, n, device="cuda", dtype=torch.float16)
             dx_ref = dy.float() @ w_hat
             dx_fused = lowbit._input_grad(dy, packed, scale, zero, bits, group, k, None, None)
-            dx_split = dy @ dequantize_fp16(packed, scale, zero, bits, group, k, buf)
+            dx_split = dy @ dequantize(packed, scale, zero, bits, group, k, torch.float16)
             t_cublas = gpu_time_us(lambda: dy @ w16, args.reps)
             t_fused = gpu_time_us(lambda: lowbit._input_grad(dy, packed, scale, zero, bits, group, k, None, None),
                                   args.reps)
-            t_split = gpu_time_us(lambda: dy @ dequantize_fp16(packed, scale, zero, bits, group, k, buf), args.reps)
+            t_split = gpu_time_us(lambda: dy @ dequantize(packed, scale, zero, bits, group, k, torch.float16), args.reps)
             rows.append(dict(section="dx", n=n, k=k, bits=bits, group=group, m=2048, cublas_us=t_cublas,
                              fused_us=t_fused, dequant_cublas_us=t_split, fused_ratio=t_cublas / t_fused,
                              dequant_cublas_ratio=t_cublas / t_split,
@@ -107,7 +74,7 @@ def main() -> None:
                                       for name, d in (("fused", dx_fused), ("dequant_cublas", dx_split))}))
             print(f"{n}x{k} W{bits} dx M=2048: cuBLAS {t_cublas:7.1f} us | fused {t_fused:7.1f} "
                   f"({t_cublas / t_fused:.2f}x) | dequant+cuBLAS {t_split:7.1f} ({t_cublas / t_split:.2f}x)", flush=True)
-            del w16, packed, scale, zero, w_hat, buf
+            del w16, packed, scale, zero, w_hat
             torch.cuda.empty_cache()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"command": "python -m experiments.lowbit_large_m --out ...", "commit": commit or "see the repo log",

@@ -55,11 +55,12 @@ STOCK = {"slimforge_pruned_llama": ("llama", "LlamaForCausalLM"), "slimforge_pru
          "slimforge_pruned_mistral": ("mistral", "MistralForCausalLM"),
          "llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
          "mistral": ("mistral", "MistralForCausalLM")}
-EXPORT_BITS = (2, 3, 4)
+EXPORT_BITS = (2, 3, 4)  # every width the quantize stage writes; pack-quantized holds 1..8
 
 
 class ExportUnsupported(SlimforgeError):
-    """The model cannot be written in the format as is (the package stage may skip the export)."""  # every width the quantize stage writes; pack-quantized holds 1..8
+    """The model cannot be written in the format as is (the package stage may skip the export)."""
+
 WIDTH_KEYS = ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_sizes")
 
 
@@ -112,7 +113,7 @@ def _index_maps(kind: str, index: torch.Tensor, src: tuple[int, int]) -> tuple[t
 
 
 def relayout_quantized(m: QuantLinear, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], where: str):
-    """Codes, scale, zero, down, up, bias of QuantLinear `m` placed at (rows, cols) of a zero
+    """Codes, scale, zero, down, up of QuantLinear `m` placed at (rows, cols) of a zero
     (N, K) weight. Padding weights dequantize to exactly 0 (code = the group's zero point)."""
     n, k, group = *shape, m.group
     if k % group:
@@ -135,9 +136,7 @@ def relayout_quantized(m: QuantLinear, rows: torch.Tensor, cols: torch.Tensor, s
     zero[rows[:, None], filled] = m.zero.to(torch.int64)[:, gather[has]]
     q = zero.repeat_interleave(group, dim=1)  # every unset weight = its group's zero point: W_hat 0
     q[rows[:, None], cols[None, :]] = codes
-    out = {"codes": q, "scale": scale, "zero": zero, "bias": None, "down": None, "up": None}
-    if m.bias is not None:
-        out["bias"] = torch.zeros(n, dtype=m.bias.dtype).index_copy(0, rows, m.bias)
+    out = {"codes": q, "scale": scale, "zero": zero, "down": None, "up": None}
     if m.rank:
         out["down"] = torch.zeros(m.rank, k, dtype=m.down.dtype)
         out["down"][:, cols] = m.down[:, :m.in_features]
@@ -206,6 +205,7 @@ def export_compressed_tensors(quantized: str | Path, out: str | Path, adapter_ou
         raise ExportUnsupported(f"{quantized}: {bad}-bit weights cannot be exported (allowed: {EXPORT_BITS})")
     dtype = model.model.embed_tokens.weight.dtype
     state, adapter, dense = {}, {}, []
+    maps = [layer_maps(config, i, target) for i in range(config.num_hidden_layers)]
     for name, tensor in model.state_dict().items():  # embeddings, norms, lm_head: as they are
         if ".layers." not in name or name.rpartition(".")[0].rsplit(".", 1)[-1] not in PROJECTIONS:
             state[name] = tensor.contiguous()
@@ -213,7 +213,7 @@ def export_compressed_tensors(quantized: str | Path, out: str | Path, adapter_ou
         short = name.rsplit(".", 1)[-1]
         if ".layers." not in f".{name}" or short not in PROJECTIONS:
             continue
-        kind, index = layer_maps(config, int(name.split(".layers.")[1].split(".")[0]), target)[short]
+        kind, index = maps[int(name.split(".layers.")[1].split(".")[0])][short]
         shape = target_shape(name, config, target)
         if isinstance(module, QuantLinear):
             rows, cols = _index_maps(kind, index, (module.out_features, module.in_features))

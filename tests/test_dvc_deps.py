@@ -212,7 +212,7 @@ def test_deps_cover_the_data_files_the_shipped_params_make_the_stage_read(stage)
     if stage == "lora":
         reads |= {params.model, params.train_rows}
     if stage == "filter":
-        reads |= {params.targets, params.pool}
+        reads |= {params.targets, params.pool, params.judge}  # the pipeline's judge is a path, never null
     deps = set(DVC["stages"][stage]["deps"])
     assert reads and not reads - deps, f"dvc.yaml stage '{stage}' reads {sorted(reads - deps)} without a dep on them"
     assert "data/tasks" not in deps  # per-file deps: a change to another stage's files does not rerun this one

@@ -128,6 +128,40 @@ def test_a_judge_without_skill_on_the_pool_keeps_every_row():
     assert pool_threshold(inverted, correct, 0.0)[0] is not None  # 0 turns the check off
 
 
+def test_auto_keeps_the_method_that_best_separates_the_pool():
+    from stages.filter.stage import choose_method
+    methods = {"meta_ranking": {"threshold": 0.5, "pool_auc": 0.66}, "direct": {"threshold": None, "pool_auc": 0.3},
+               "perplexity": {"threshold": -1.0, "pool_auc": 0.99}, "keep_all": {"threshold": None}}
+    assert choose_method(methods, "auto") == "perplexity"
+    assert choose_method(methods, "meta_ranking") == "meta_ranking"
+    no_skill = {k: {**v, "threshold": None} for k, v in methods.items()}
+    assert choose_method(no_skill, "auto") == "meta_ranking"  # every method keeps every row then
+    assert choose_method({"meta_ranking": methods["meta_ranking"]}, "auto") == "meta_ranking"  # no baselines
+    with pytest.raises(ValueError, match="keep_by: perplexity needs baselines"):
+        FilterParams.model_validate({"keep_by": "perplexity", "baselines": False})
+
+
+def test_an_adapter_folder_judges_with_the_adapter_merged(tmp_path, tokenizer):
+    from slimforge.adapters import add_lora
+    from stages.filter.stage import load_judge
+    base = save_tiny("llama", tokenizer, tmp_path / "base")
+    model, _ = filter_stage.load_model(base)
+    peft = add_lora(model, 4, 8.0, ["q_proj", "v_proj"])
+    torch.manual_seed(0)
+    for name, w in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(w, std=0.5)  # a trained adapter, not PEFT's zero init
+    peft.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([tokenizer("12+34=46")["input_ids"]])
+    with torch.no_grad():
+        want = peft.eval()(ids).logits
+        judge, _ = load_judge(tmp_path / "adapter", base, "cpu")
+        got = judge(ids).logits
+        plain = load_judge(None, base, "cpu")[0](ids).logits
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(plain, want, atol=1e-2)
+    assert not hasattr(judge, "peft_config")  # merged: a plain model
+
+
 def test_judge_prompt_round_trips_through_the_tokenizer(tokenizer):
     prompt = pairwise_prompt(("12+34=", "46"), ("7*8=", "54"))
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -174,7 +208,10 @@ def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_d
     assert label_reads and written and min(label_reads) > max(written)  # only after the outputs were written
     assert set(m["detection"]) == {"meta_ranking", "direct", "perplexity", "keep_all"}
     assert m["detection"]["keep_all"]["recall"] == 0.0 and len(m["rounds"]) == 2
-    assert set(m["downstream_accuracy"]) == {"meta_ranking", "direct", "keep_all", "oracle"}
+    assert set(m["downstream_accuracy"]) == {"filtered", "meta_ranking", "direct", "perplexity", "keep_all", "oracle"}
+    chosen = m["filter_method"]  # auto: the best pool AUC among the methods that passed the skill check
+    assert m["downstream_accuracy"]["filtered"] == m["downstream_accuracy"][chosen]
+    assert m["kept_fraction"] == m["detection"][chosen]["kept_fraction"]
     assert all(0.0 <= m["detection"][k]["auc"] <= 1.0 for k in ("meta_ranking", "direct", "perplexity"))
     rows = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
     kept = (tmp_path / "out" / "filtered.jsonl").read_text().splitlines()

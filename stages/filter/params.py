@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slimforge.config import Schedule, Schema
 
@@ -23,7 +23,10 @@ class Downstream(Schedule):
 
 class FilterParams(Schema):
     seed: int = Field(0, description="seed of reference draws and fine-tunes")
-    judge: str | None = Field(None, description="judge model folder; null: the base model")
+    judge: str | None = Field(None, description="the judge: a model folder, or a PEFT adapter folder for the base "
+                              "model (--model) that is merged in (the lora stage's data/lora/adapter); null: the base "
+                              "model itself (library use only: dvc.yaml depends on this path, so the pipeline names one, "
+                              "data/base for the plain base)")
     targets: str = Field("data/tasks/noisy.jsonl", description="instruction set to filter (a path; dvc.yaml "
                          "depends on exactly this file): the suite's, or yours under user_data/")
     pool: str = Field("data/tasks/references.jsonl", description="labelled reference pool, JSONL rows with prompt, "
@@ -42,8 +45,17 @@ class FilterParams(Schema):
                         "on what was kept")
     finetune: Finetune = Field(Finetune(steps=100, lr=5e-4, warmup_steps=10, batch_size=64, checkpoint_every=0),
                                description="the judge's fine-tune between rounds")
+    keep_by: Literal["auto", "meta_ranking", "direct", "perplexity"] = Field(
+        "auto", description="whose verdict filtered.jsonl keeps; auto: the method whose score best separates the "
+        "labelled pool's right and wrong rows (pool AUC; the targets' labels are never read)")
     baselines: bool = Field(True, description="also run keep-all, direct single-response judging and "
                             "perplexity filtering (each with a pool-calibrated threshold)")
     downstream: Downstream = Field(Downstream(steps=300, lr=2e-3, warmup_steps=20, batch_size=64, checkpoint_every=0),
                                    description="LoRA on kept vs all rows, scored on a test file")
     batch_size: int = Field(256, ge=1, description="judge prompts per forward pass")
+
+    @model_validator(mode="after")
+    def _keep_by_needs_its_method(self):
+        if self.keep_by in ("direct", "perplexity") and not self.baselines:
+            raise ValueError(f"keep_by: {self.keep_by} needs baselines: true (it is one of the baselines)")
+        return self

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from slimforge import SlimforgeError
+from slimforge.adapters import load_adapter
 from slimforge.batching import encode_records
 from slimforge.cli_util import progress
 from slimforge.evaluate.judging import direct_probs, mean_logprob, pairwise_win_probs
@@ -146,18 +147,40 @@ def meta_ranking(judge, tokenizer, targets: list[dict], pool: list[dict], params
     return {**meta, "history": history}
 
 
-def baselines(judge_dir: Path, targets: list[dict], pool: list[dict], params: FilterParams, device: str) -> dict:
+def load_judge(judge: str | Path | None, base: Path, device: str):
+    """(model, tokenizer) of the judge: `base` itself (None), a model folder, or a PEFT adapter
+    folder for `base`, merged in (a judge only reads, so the merged weights serve it fastest)."""
+    if judge is None:
+        return load_model(base, device=device)
+    if (Path(judge) / "adapter_config.json").is_file():
+        model, tokenizer = load_model(base, device=device)
+        return load_adapter(model, judge).merge_and_unload(), tokenizer
+    return load_model(judge, device=device)
+
+
+def choose_method(methods: dict, keep_by: str) -> str:
+    """The method whose kept rows become filtered.jsonl. auto: the best pool AUC among those that
+    passed the skill check (Meta Ranking on a tie; when none passed they all keep every row)."""
+    if keep_by != "auto":
+        return keep_by
+    skilled = [n for n in ("meta_ranking", "direct", "perplexity") if methods.get(n, {}).get("threshold") is not None]
+    return max(skilled, key=lambda n: methods[n]["pool_auc"]) if skilled else "meta_ranking"
+
+
+def baselines(judge_path: str | None, base: Path, targets: list[dict], pool: list[dict], params: FilterParams,
+              device: str) -> dict:
     """Keep-all, direct judging and perplexity with the untouched judge (as Meta Ranking's round 1 had)."""
-    judge, tokenizer = load_model(judge_dir, device=device)
+    judge, tokenizer = load_judge(judge_path, base, device)
     return {"direct": baseline(direct_probs, judge, tokenizer, targets, pool, params.batch_size, params.min_pool_auc),
             "perplexity": baseline(mean_logprob, judge, tokenizer, targets, pool, params.batch_size,
                                    params.min_pool_auc),
             "keep_all": {"kept": [True] * len(targets), "threshold": None}}
 
 
-def write_outputs(folder: Path, targets: list[dict], ids: list[str], methods: dict, params: FilterParams) -> None:
-    """filtered.jsonl (Meta Ranking's kept rows) and scores.jsonl (every method's score per row)."""
-    kept = methods["meta_ranking"]["kept"]
+def write_outputs(folder: Path, targets: list[dict], ids: list[str], methods: dict, chosen: str,
+                  params: FilterParams) -> None:
+    """filtered.jsonl (the chosen method's kept rows) and scores.jsonl (every method's score per row)."""
+    kept = methods[chosen]["kept"]
     write_jsonl(folder / "filtered.jsonl", [t for t, k in zip(targets, kept) if k])
     write_jsonl(folder / "scores.jsonl", [
         {"id": i, "kept": k, **{f"{name}_score": float(m["scores"][j]) for name, m in methods.items() if "scores" in m}}
@@ -166,15 +189,17 @@ def write_outputs(folder: Path, targets: list[dict], ids: list[str], methods: di
 
 
 # What `dvc metrics show` compares; per-method detection, timings and pool AUCs go to the report.
-HEADLINE = ["downstream_accuracy.*", "downstream_ci95.*", "downstream_n", "detection.meta_ranking.f1",
-            "detection.meta_ranking.auc", "kept_fraction"]
+HEADLINE = ["downstream_accuracy.*", "downstream_ci95.*", "downstream_n", "gap_closed", "detection.*.f1",
+            "detection.*.auc", "kept_fraction"]
 
 
 def run(params: FilterParams, model: str | Path, data: str | Path, out: str | Path, metrics: str | Path,
         labels: str | Path | None = None, report: str | Path | None = None) -> dict:
     """`model`: the judge unless params.judge names one, and the model the downstream LoRAs train."""
     data, base = Path(data), Path(model)
-    judge_dir = Path(params.judge) if params.judge else base
+    judge_inputs = [Path(params.judge)] if params.judge else []
+    if not params.judge or (Path(params.judge) / "adapter_config.json").is_file():
+        judge_inputs.append(base)
     targets_path, pool_path = Path(params.targets), Path(params.pool)
     targets, pool = load_records(targets_path), load_pool(pool_path)
     if params.references > len(pool) - 1:
@@ -182,22 +207,26 @@ def run(params: FilterParams, model: str | Path, data: str | Path, out: str | Pa
                              f"examples ({pool_path})")
     # Cached scores are valid only for this judge's weights and these rows: the fingerprint hashes
     # the contents, so a judge retrained at the same path starts afresh.
-    with open_stage("filter", params.model_dump(), out=out, inputs=[judge_dir, targets_path, pool_path],
+    with open_stage("filter", params.model_dump(), out=out, inputs=[*judge_inputs, targets_path, pool_path],
                     metrics=metrics, report=report) as stage:
-        judge, tokenizer = load_model(judge_dir, device=stage.device)  # a folder without a tokenizer fails here
+        judge, tokenizer = load_judge(params.judge, base, stage.device)  # a folder without a tokenizer fails here
         started = time.perf_counter()
         methods = {"meta_ranking": meta_ranking(judge, tokenizer, targets, pool, params, stage)}
         seconds = time.perf_counter() - started
         if params.baselines:
-            methods.update(baselines(judge_dir, targets, pool, params, stage.device))
+            methods.update(baselines(params.judge, base, targets, pool, params, stage.device))
+        chosen = choose_method(methods, params.keep_by)
         ids = [t.get("id", str(i)) for i, t in enumerate(targets)]
         with stage.output() as tmp:
-            write_outputs(tmp, targets, ids, methods, params)
-        meta = methods["meta_ranking"]
-        measured = {"kept_fraction": sum(meta["kept"]) / len(targets), "threshold": meta["threshold"],
-                  "pool_auc": {name: m["pool_auc"] for name, m in methods.items() if m.get("pool_auc") is not None},
-                  "pairs_per_s": meta["pairs_per_s"], "seconds": seconds, "rounds": meta["history"],
-                  "targets": len(targets), "references": params.references}
+            write_outputs(tmp, targets, ids, methods, chosen, params)
+        kept = methods[chosen]["kept"]
+        measured = {"filter_method": chosen, "kept_fraction": sum(kept) / len(targets),
+                    "threshold": methods[chosen]["threshold"],
+                    "pool_auc": {name: m["pool_auc"] for name, m in methods.items() if m.get("pool_auc") is not None},
+                    "pairs_per_s": methods["meta_ranking"]["pairs_per_s"], "seconds": seconds,
+                    "rounds": methods["meta_ranking"]["history"], "targets": len(targets),
+                    "references": params.references}
+        log.info("filtered.jsonl keeps %s's verdict (%d of %d rows)", chosen, sum(kept), len(targets))
         wrong = None  # the labels are read only now, after the filtered data exists, to score each method
         if labels is not None and (Path(labels) / LABELS_FILE).exists():
             wrong = read_wrong(labels, ids)
@@ -205,9 +234,11 @@ def run(params: FilterParams, model: str | Path, data: str | Path, out: str | Pa
             measured["wrong_fraction"] = sum(wrong) / len(wrong)
         if params.downstream.steps > 0:
             tests = load_records(data / params.downstream.test_file, need_answer=True)
-            measured["downstream_accuracy"], measured["downstream_ci95"] = downstream_accuracy(
-                base, targets, methods, wrong, tests, params.downstream, params.seed, stage)
-            measured["downstream_n"] = len(tests)
+            acc, ci = downstream_accuracy(base, targets, {**methods, "filtered": methods[chosen]}, wrong, tests,
+                                          params.downstream, params.seed, stage)
+            measured.update(downstream_accuracy=acc, downstream_ci95=ci, downstream_n=len(tests))
+            if "oracle" in acc and acc["oracle"] > acc["keep_all"]:  # share of keep-all -> oracle gap closed
+                measured["gap_closed"] = (acc["filtered"] - acc["keep_all"]) / (acc["oracle"] - acc["keep_all"])
         return stage.finish(measured, headline=HEADLINE)
 
 

@@ -190,7 +190,7 @@ def test_scores_are_cached_and_reused(tmp_path, tokenizer, monkeypatch):
 
 def test_stage_end_to_end_and_labels_only_read_after_filtering(tmp_path, suite_dir, tokenizer, monkeypatch):
     base = save_tiny("llama", tokenizer, tmp_path / "base")
-    params = _params(suite_dir, **{"rounds": 2})
+    params = _params(suite_dir, **{"rounds": 2, "downstream": {**SMALL["downstream"], "every_method": True}})
     labels = tmp_path / "labels"
     write_jsonl(labels / "noisy_labels.jsonl", small_suite()[1])
     # Every file this process opens or renames, whoever does it (an audit hook sees builtins.open,

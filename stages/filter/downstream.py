@@ -30,10 +30,11 @@ def lora_accuracy(model_dir: Path, records: list[dict], tests: list[dict], ds: D
 
 def downstream_accuracy(model_dir: Path, targets: list[dict], methods: dict, wrong: list[bool] | None,
                         tests: list[dict], ds: Downstream, seed: int, stage) -> tuple[dict, dict]:
-    """({method: accuracy}, {method: 95% interval}) for each method's kept rows (`filtered`: the
-    chosen one's), keep-all and (with labels) the oracle. Methods that kept the same rows share one run (same recipe, same seed:
+    """({method: accuracy}, {method: 95% interval}) for the chosen method's kept rows (`filtered`; with
+    `every_method`, each method's too), keep-all and (with labels) the oracle. Methods that kept the same rows share one run (same recipe, same seed:
     the same adapter)."""
-    kept = {name: methods[name]["kept"] for name in ("filtered", "meta_ranking", "direct", "perplexity", "keep_all") if name in methods}
+    names = ("filtered", "meta_ranking", "direct", "perplexity", "keep_all") if ds.every_method else ("filtered", "keep_all")
+    kept = {name: methods[name]["kept"] for name in names if name in methods}
     if wrong is not None:  # the upper bound a perfect filter reaches (evaluation only)
         kept["oracle"] = [not w for w in wrong]
     accuracy, interval, by_rows = {}, {}, {}

@@ -19,6 +19,9 @@ class Downstream(Schedule):
     rank: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/rank)")
     test_file: str = Field("lora_test.jsonl", description="suite file (in the data folder) the LoRAs are scored on")
+    every_method: bool = Field(False, description="also a LoRA per method not chosen (Meta Ranking, direct, "
+                               "perplexity); false: only the filtered rows, keep-all and the oracle (about 35 s "
+                               "each on 2 CPU cores)")
 
 
 class FilterParams(Schema):

@@ -22,7 +22,7 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
   tile is dequantised to x's dtype (shift, or into 2**23, subtract 2**23 + z, times s) and fed
   to tl.dot. About 9-10 instructions per weight plus a trip through shared memory to reach the
   MMA operand layout: this path is the slow one (see the benchmark).
-- Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2-bit 192, 4-bit 128) (kernels/lowbit_dequant.py): W_hat in x's dtype
+- Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2- and 4-bit: 128) (kernels/lowbit_dequant.py): W_hat in x's dtype
   from one coalesced Triton pass, then cuBLAS; dx the same way in backward (W_hat recomputed, not
   saved). The fused kernels below stay for smaller M and for 3-bit weights.
 - dx: tiles of dy @ W_hat computed transposed (dx^T = W_hat^T dy^T), same dequantisation,
@@ -68,11 +68,11 @@ if triton is not None:
 # M=4 20.7 vs 30.4 us; W2 M=4 20.0 vs 22.2 us. Each extra row costs ~2.5 us more.
 GEMV_MAX_M = 4
 # Dequantise + cuBLAS (kernels/lowbit_dequant.py) from here on, per bit width (3-bit: never). H200,
-# three Llama-8B shapes, same run (benchmarks/2026-11-29-h200-lowbit-crossover.json): W4 dequant
-# ahead from M = 128 on all three (0.48-0.56x vs 0.37-0.45x cuBLAS); W2 fused ahead up to 128
-# (0.50-0.61x vs 0.47-0.49x), dequant ahead at 192 (0.50-0.57x vs 0.28-0.38x). At M = 256 it won
-# on all six (benchmarks/2026-11-29-h200-lowbit-large-m.json).
-DEQUANT_MIN_M = {4: 128, 2: 192}
+# three Llama-8B shapes, same run (benchmarks/2026-11-29-h200-lowbit-crossover.json): from M = 128
+# it beat the fused GEMM on all three for W4 (0.48-0.56x vs 0.37-0.45x cuBLAS) and W2 (0.50-0.61x vs
+# 0.47-0.49x); at M = 64 the two are mixed; at M = 256 dequant won on all six
+# (benchmarks/2026-11-29-h200-lowbit-large-m.json). A per-width table for GPUs where they part.
+DEQUANT_MIN_M = {4: 128, 2: 128}
 
 
 # --------------------------------------------------------------------------------------------

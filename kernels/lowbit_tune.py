@@ -2,7 +2,7 @@
 the per-GPU tables, and the tuner that fills them.
 
 Configs: a JSON table keyed by GPU name then by "kind|bits,group,N,K,M-bucket" (shipped in
-kernels/lowbit_configs.json: the benchmark's shapes on an H100 80GB HBM3, triton 3.6) and a per-user cache
+kernels/lowbit_configs.json: the benchmark's shapes on an H100 80GB HBM3 and an H200, triton 3.6) and a per-user cache
 ($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a shape missing from both
 fills on first use by timing a short candidate list (CUDA events, L2 flushed). SLIMFORGE_LOWBIT_TUNE=0
 skips tuning (heuristic config); nothing is tuned during CUDA-graph capture. The fused low-rank

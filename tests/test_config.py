@@ -15,12 +15,13 @@ from stages.prune.params import PruneParams
 from stages.quantize.params import QuantizeParams
 from stages.report.params import ReportParams
 from stages.rl.params import RlParams
+from flows.sweep_params import SweepParams
 from tests.conftest import REPO
 
 SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams,
            "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams, "lora.yaml": LoraParams,
            "rl.yaml": RlParams, "package.yaml": PackageParams,
-           "report.yaml": ReportParams}
+           "report.yaml": ReportParams, "sweep.yaml": SweepParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

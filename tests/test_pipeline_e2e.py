@@ -93,8 +93,8 @@ def test_dvc_repro_then_nothing_to_do(clone):
     third = _repro(clone)
     assert third.returncode == 0, third.stdout + third.stderr
     ran = {s for s in STAGES if f"Running stage '{s}'" in third.stdout}
-    assert ran == {"data", "lora", "rl", "package", "report"}, third.stdout  # per-file deps: only lora and rl
-    # (replay) read lora_train; package and report take their outputs
+    assert ran == {"data", "lora", "filter", "rl", "package", "report"}, third.stdout  # per-file deps: only lora
+    # and rl (replay) read lora_train; filter judges with the lora adapter; package and report take their outputs
 
 
 def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
@@ -123,3 +123,40 @@ def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
     parent = next(r for r in runs if r.data.tags.get("slimforge.stage") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["slimforge.stage"] for r in children) == sorted(STAGES)
+
+
+def test_sweep_flow_reuses_upstream_stages_registers_its_best_and_resumes(clone):
+    """Two points that differ only in a report param: each reruns package and report alone (DVC
+    restores the rest), the best point within the budget is registered through the package stage,
+    and after a point's experiment is lost (a killed run) a rerun runs only that point."""
+    import subprocess as sp
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.sweep import finished_points, sweep
+
+    def commit(message):  # the earlier tests left params and outputs changed: the sweep's baseline is this
+        sp.run(["git", "add", "-A"], cwd=clone, check=True)
+        sp.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty"],
+               cwd=clone, check=True)
+
+    assert _repro(clone).returncode == 0
+    commit("baseline for the sweep")
+    (clone / "params/sweep.yaml").write_text(yaml.safe_dump({
+        "name": "tiny", "grid": {"params/report.yaml:repeats": [1, 2]}, "models": ["pruned", "quantized", "full"],
+        "budget": {"max_mb": 1000}, "out": "sweeps"}))
+    with prefect_test_harness():
+        first = sweep(root=str(clone))
+        assert [p["status"] for p in first["points"]] == ["ran", "ran"]
+        # package reruns too: a point turns register_model off (the sweep registers only its best point)
+        assert all(p["stages_ran"] == ["package", "report"] for p in first["points"]), first["points"]
+        assert (clone / "sweeps/tiny/frontier.png").exists() and "**yes**" in (clone / "sweeps/tiny/frontier.md").read_text()
+        assert first["best"]["model"] in ("pruned", "quantized", "full")
+        assert first["registered"]["registered"]["aliases"][0] == "challenger"
+        lost = first["points"][1]["name"]
+        sp.run(["git", "update-ref", "-d", finished_points(clone)[lost]], cwd=clone, check=True)
+        second = sweep(root=str(clone))
+    statuses = {p["name"]: p["status"] for p in second["points"]}
+    assert statuses == {first["points"][0]["name"]: "finished before", lost: "ran"}
+    shown = sp.run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], cwd=clone, capture_output=True, text=True)
+    assert all(p["name"] in shown.stdout for p in first["points"])

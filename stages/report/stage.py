@@ -83,10 +83,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(params: ReportParams, reports: str | Path, base: str | Path, pruned: str | Path, quantized: str | Path,
-        package: str | Path, out: str | Path, metrics: str | Path, plots: str | Path) -> dict:
+        package: str | Path, out: str | Path, metrics: str | Path, plots: str | Path,
+        report: str | Path | None = None) -> dict:
+    """`report` (reports/report.json): every row in full -- accuracies with intervals, decode
+    tokens/s -- which the sweep flow reads for its frontier."""
     reports, package = Path(reports), Path(package)
     rows = table_rows(reports)  # a missing or malformed report fails here, before any model loads
-    with open_stage("report", params.model_dump(), out=out, inputs=[reports], metrics=metrics) as stage:
+    with open_stage("report", params.model_dump(), out=out, inputs=[reports], metrics=metrics, report=report) as stage:
         if params.speed:
             base_model = load_model(base, device=stage.device)[0]
             models = {0: lambda: base_model, 1: lambda: load_model(pruned, device=stage.device)[0],

@@ -75,16 +75,18 @@ def run_point(name: str, overrides: dict, root: Path) -> dict:
 
 
 def candidates(root: Path, points: list[dict], refs: dict[str, str], models: list[str]) -> list[dict]:
-    """One dict per (point, model) from each point's reports/report.json (its experiment commit)."""
+    """One dict per (point, model) from each point's reports/report.json (its experiment commit):
+    `accuracy` is the base families' val accuracy (what the frontier and the budget pick use), `test`
+    the test accuracy with its interval, reported beside it."""
     out = []
     for p in points:
         report = json.loads(_git(root, "show", f"{refs[p['name']]}:reports/report.json"))
         for key in models:
             row = report["models"][key]
-            acc = row["base families"]
-            out.append({"point": p["name"], "params": p["overrides"], "model": key, "accuracy": acc["value"],
-                        "lo": acc["lo"], "hi": acc["hi"], "bytes": row["bytes"], "bits": row["bits"],
-                        **({"tokens_per_s": row["tokens_per_s"]} if "tokens_per_s" in row else {})})
+            val, test = row["val"], row["base families"]  # select on val; test is only reported
+            out.append({"point": p["name"], "params": p["overrides"], "model": key, "accuracy": val["value"],
+                        "lo": val["lo"], "hi": val["hi"], "n": val["n"], "test": test, "bytes": row["bytes"],
+                        "bits": row["bits"], **({"tokens_per_s": row["tokens_per_s"]} if "tokens_per_s" in row else {})})
     return out
 
 

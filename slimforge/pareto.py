@@ -2,8 +2,9 @@
 beats on both accuracy and cost, and the best one under a budget. Pure functions; the sweep flow
 (flows/sweep.py) feeds them and draws the plot.
 
-A candidate is a dict with at least "accuracy" and the cost keys asked for ("bytes": lower is
-better; "tokens_per_s": higher is better).
+A candidate is a dict with at least "accuracy" (a validation score: the frontier selects) and the
+cost keys asked for ("bytes": lower is better; "tokens_per_s": higher is better); "test" ({"value",
+"lo", "hi"}), when present, is shown beside it and never used to choose.
 """
 
 from __future__ import annotations
@@ -42,14 +43,18 @@ def best_under_budget(points: list[dict], max_bytes: float | None = None,
 def markdown(points: list[dict], on_size: list[bool], on_speed: list[bool] | None, label_keys: list[str]) -> str:
     """One row per candidate, frontier members marked, most accurate first."""
     speed = on_speed is not None
-    head = ["point", *label_keys, "model", "accuracy [95% CI]", "MB", *(["tokens/s"] if speed else []),
+    test = all("test" in p for p in points)
+    head = ["point", *label_keys, "model", "val accuracy [95% CI]", *(["test accuracy [95% CI]"] if test else []),
+            "MB", *(["tokens/s"] if speed else []),
             "frontier (size)", *(["frontier (speed)"] if speed else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(range(len(points)), key=lambda i: (-points[i]["accuracy"], points[i]["bytes"]))
     for i in order:
         p = points[i]
         cells = [p["point"], *(str(p["params"].get(k, "")) for k in label_keys), p["model"],
-                 f"{p['accuracy']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}]", f"{p['bytes'] / 1e6:.3f}",
+                 f"{p['accuracy']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}]",
+                 *([f"{p['test']['value']:.3f} [{p['test']['lo']:.3f}, {p['test']['hi']:.3f}]"] if test else []),
+                 f"{p['bytes'] / 1e6:.3f}",
                  *([f"{p['tokens_per_s']:.0f}"] if speed else []), "**yes**" if on_size[i] else "",
                  *((["**yes**" if on_speed[i] else ""]) if speed else [])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -79,7 +84,7 @@ def plot(points: list[dict], on_size: list[bool], on_speed: list[bool] | None, p
         for x, y, p in front:
             ax.annotate(f"{p['point']}:{p['model']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy, base families (test)")
+        ax.set_ylabel("accuracy, base families (val)")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle("sweep: accuracy vs cost")

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from slimforge.io import write_json
+from slimforge.tasks.records import load_records
 from stages.report.params import ReportParams
 from stages.report.stage import markdown, run, table_rows
 from tests.helpers import save_tiny
@@ -52,7 +53,7 @@ def test_rows_come_from_the_reports_and_render_with_intervals(reports):
         table_rows(reports)
 
 
-def test_stage_writes_markdown_plot_and_measured_speed(reports, tmp_path, tokenizer):
+def test_stage_writes_markdown_plot_and_measured_speed(reports, tmp_path, tokenizer, suite_dir):
     base = save_tiny("llama", tokenizer, tmp_path / "base")
     package = tmp_path / "package"
     save_tiny("llama", tokenizer, package / "full")
@@ -62,8 +63,14 @@ def test_stage_writes_markdown_plot_and_measured_speed(reports, tmp_path, tokeni
     add_lora(load_model(base)[0], 2, 4.0, ["q_proj"], seed=0).save_pretrained(package / "adapters" / "lora")
     params = ReportParams(new_tokens=8, repeats=1)
     m = run(params, reports, base, base, base, package, tmp_path / "reports" / "report.md", tmp_path / "m.json",
-            tmp_path / "plots")
+            tmp_path / "plots", report=tmp_path / "reports" / "report.json", data=suite_dir)
     assert all(r["tokens_per_s"] > 0 for r in m["models"].values())
+    n_val = sum(r["family"] in ("add", "sub", "mul") for r in load_records(suite_dir / "val.jsonl"))
+    assert all(r["val"]["n"] == n_val and r["val"]["lo"] <= r["val"]["value"] <= r["val"]["hi"]
+               for r in m["models"].values())  # scored on val here; the test numbers come from the reports
+    assert m["models"]["base"]["val"] == m["models"]["pruned"]["val"]  # the same folder: the same answers
+    full = json.loads((tmp_path / "reports" / "report.json").read_text())
+    assert full["models"]["full"]["val"] == m["models"]["full"]["val"] and "tokens_per_s" in full["models"]["full"]
     text = (tmp_path / "reports" / "report.md").read_text()
     assert "decode tokens/s" in text and "![accuracy vs size]" in text
     assert (tmp_path / "plots" / "size_accuracy.png").stat().st_size > 1000

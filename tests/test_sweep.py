@@ -66,6 +66,9 @@ def test_markdown_and_plot_mark_the_frontier(tmp_path):
     on = pareto.frontier(points, "bytes")
     table = pareto.markdown(points, on, None, [])
     lines = table.splitlines()
+    assert "test accuracy" not in lines[0]  # shown only when every candidate has it
+    with_test = pareto.markdown([{**p, "test": {"value": 0.5, "lo": 0.4, "hi": 0.6}} for p in points], on, None, [])
+    assert "| 0.500 [0.400, 0.600] |" in with_test.splitlines()[2]
     assert lines[2].startswith("| a |") and lines[2].endswith("**yes** |") and lines[5].startswith("| c |")
     assert not lines[5].endswith("**yes** |")
     path = pareto.plot(points, on, pareto.frontier(points, "tokens_per_s"), tmp_path / "f.png")

@@ -12,9 +12,10 @@ def summary(m: dict) -> str:
 
 if __name__ == "__main__":
     stage_main("stages.report.stage", name="report", params={"params": ReportParams},
-               paths=["reports", "base", "pruned", "quantized", "package", "out", "metrics", "plots", "report"],
-               optional=("report",), summary=summary, doc=doc,
+               paths=["reports", "base", "pruned", "quantized", "package", "out", "metrics", "plots", "report", "data"],
+               optional=("report", "data"), summary=summary, doc=doc,
                help={"reports": "the stages' report folder (reports/)", "out": "the markdown report (reports/report.md)",
                      "report": "every row in full, decode speeds included (reports/report.json)",
+                     "data": "the task suite folder: each model is also scored on val.jsonl (what a sweep selects on)",
                      "base": "the base model folder", "pruned": "the prune stage's folder",
                      "quantized": "the quantize stage's folder", "package": "the package stage's folder"})

@@ -12,3 +12,4 @@ class ReportParams(Schema):
     prompt_len: int = Field(16, ge=1, description="prompt tokens before the timed decode")
     new_tokens: int = Field(64, ge=1, description="tokens decoded and timed")
     repeats: int = Field(3, ge=1, description="timed decodes per model; the median is reported")
+    eval_batch_size: int = Field(256, ge=1, description="problems per batch when scoring val.jsonl")

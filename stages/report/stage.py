@@ -8,10 +8,14 @@ from pathlib import Path
 import torch
 
 from slimforge.adapters import load_adapter
+from slimforge.evaluate.generation import exact_match_hits
+from slimforge.evaluate.intervals import macro_interval
 from slimforge.evaluate.speed import eager_decode
 from slimforge.io import atomic_write_text, read_json
 from slimforge.modeling import load_model
 from slimforge.stage import open_stage
+from slimforge.tasks.families import BASE_FAMILIES
+from slimforge.tasks.records import load_records
 from stages.report.figure import size_accuracy_plot
 from stages.report.params import ReportParams
 
@@ -59,6 +63,14 @@ def table_rows(reports: Path) -> list[dict]:
     return rows
 
 
+def base_families_accuracy(model, tokenizer, records: list[dict], batch_size: int) -> dict:
+    """{"value", "lo", "hi", "n"}: exact match macro-averaged over the base families in `records`."""
+    hits = exact_match_hits(model, tokenizer, [r for r in records if r["family"] in BASE_FAMILIES], batch_size)
+    families = sorted(hits)
+    value = sum(sum(hits[f]) / len(hits[f]) for f in families) / len(families)
+    return {"value": value, **macro_interval(hits, families), "n": sum(len(hits[f]) for f in families)}
+
+
 def decode_speed(model, params: ReportParams) -> float:
     """Median decode tokens/s at batch 1 (one untimed run first: allocation and lazy init)."""
     eager_decode(model, 1, params.prompt_len, 4)
@@ -84,21 +96,28 @@ def markdown(rows: list[dict]) -> str:
 
 def run(params: ReportParams, reports: str | Path, base: str | Path, pruned: str | Path, quantized: str | Path,
         package: str | Path, out: str | Path, metrics: str | Path, plots: str | Path,
-        report: str | Path | None = None) -> dict:
+        report: str | Path | None = None, data: str | Path | None = None) -> dict:
     """`report` (reports/report.json): every row in full -- accuracies with intervals, decode
-    tokens/s -- which the sweep flow reads for its frontier."""
+    tokens/s -- which the sweep flow reads for its frontier. `data` (the suite folder): each model is
+    also scored on the base families of val.jsonl (`val`), which a sweep selects on (the test numbers
+    come from the stages' reports and are only reported)."""
     reports, package = Path(reports), Path(package)
     rows = table_rows(reports)  # a missing or malformed report fails here, before any model loads
+    val = load_records(Path(data) / "val.jsonl", need_answer=True) if data is not None else None
     with open_stage("report", params.model_dump(), out=out, inputs=[reports], metrics=metrics, report=report) as stage:
-        if params.speed:
-            base_model = load_model(base, device=stage.device)[0]
+        if params.speed or val is not None:
+            base_model, tokenizer = load_model(base, device=stage.device)
             models = {0: lambda: base_model, 1: lambda: load_model(pruned, device=stage.device)[0],
                       2: lambda: load_model(quantized, device=stage.device)[0],
                       3: lambda: load_adapter(base_model, package / "adapters" / "lora"),
                       4: lambda: load_model(package / "full", device=stage.device)[0]}
             for i, make in models.items():
                 with torch.no_grad():
-                    rows[i]["tokens_per_s"] = decode_speed(make(), params)
+                    model = make()
+                    if params.speed:
+                        rows[i]["tokens_per_s"] = decode_speed(model, params)
+                    if val is not None:
+                        rows[i]["val"] = base_families_accuracy(model, tokenizer, val, params.eval_batch_size)
         device = "GPU" if stage.device == "cuda" else "CPU"
         text = (f"# slimforge: the pipeline's models\n\nTest splits, exact match with 95% bootstrap intervals (from "
                 f"each stage's report); decode tokens/s at batch 1 on this machine's {device}.\n\n{markdown(rows)}\n\n"

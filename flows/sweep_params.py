@@ -1,12 +1,15 @@
 """Schema of params/sweep.yaml and the grid's checks: every key names a real params key, every value
-passes that params file's own schema, before any point runs. Light imports only (no Prefect, no
-torch), so `python -m flows.sweep --dry-run` answers in about a second."""
+passes that params file's own schema (checked by `python -m stages.check_params` in a subprocess:
+flows drive the stages, they do not import them), before any point runs. Light imports only (no
+Prefect, no torch), so `python -m flows.sweep --dry-run` answers in a few seconds."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import subprocess
+import sys
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Literal
@@ -14,21 +17,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from slimforge import SlimforgeError
-from slimforge.config import Schema, parse_params, read_yaml
-from stages.base.params import BaseParams, ModelParams
-from stages.data.params import DataParams
-from stages.filter.params import FilterParams
-from stages.lora.params import LoraParams
-from stages.package.params import PackageParams
-from stages.prune.params import PruneParams
-from stages.quantize.params import QuantizeParams
-from stages.report.params import ReportParams
-from stages.rl.params import RlParams
+from slimforge.config import Schema, read_yaml
 
-SCHEMAS = {"params/data.yaml": DataParams, "params/base.yaml": BaseParams, "params/model.yaml": ModelParams,
-           "params/prune.yaml": PruneParams, "params/quantize.yaml": QuantizeParams,
-           "params/filter.yaml": FilterParams, "params/lora.yaml": LoraParams, "params/rl.yaml": RlParams,
-           "params/package.yaml": PackageParams, "params/report.yaml": ReportParams}
 # A sweep point never registers a model itself; the sweep registers its best point afterwards.
 NO_REGISTER = {"params/package.yaml:register_model": False}
 
@@ -61,9 +51,10 @@ def yaml_value(value: Any) -> str:
 def _check_key(key: str, root: Path) -> tuple[str, list[str], dict]:
     """(params file, key path, that file's data) of a grid key; one-line errors naming what is allowed."""
     file, sep, dotted = key.partition(":")
-    if not sep or file not in SCHEMAS:
+    known = sorted(f"params/{p.name}" for p in (root / "params").glob("*.yaml") if p.name != "sweep.yaml")
+    if not sep or file not in known:
         raise SlimforgeError(f"sweep grid: '{key}' is not 'params/<file>.yaml:<key>' with a known file "
-                             f"(allowed files: {', '.join(SCHEMAS)})")
+                             f"(allowed files: {', '.join(known)})")
     data = read_yaml(root / file) or {}
     path, node = dotted.split("."), data
     for i, part in enumerate(path):
@@ -98,17 +89,17 @@ def expand_grid(params: SweepParams, root: str | Path = ".") -> list[dict]:
     for key, values in params.grid.items():
         if not values:
             raise SlimforgeError(f"sweep grid: '{key}' has no values")
-    points = []
+    points, items = [], []
     for combo in itertools.product(*params.grid.values()):
         overrides = dict(zip(params.grid, combo))
         edited = {}
         for key, value in overrides.items():
             file, path, data = checked[key]
             _set(edited.setdefault(file, deepcopy(data)), path, value)
-        for file, data in edited.items():
-            try:
-                parse_params(data, SCHEMAS[file], file)
-            except SlimforgeError as err:
-                raise SlimforgeError(f"sweep grid point {overrides}: {err}") from None
+        items.append({"label": f"sweep grid point {overrides}", "files": edited})
         points.append({"name": point_name(params.name, overrides), "overrides": overrides})
+    check = subprocess.run([sys.executable, "-m", "stages.check_params"], cwd=root, input=json.dumps(items),
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise SlimforgeError(check.stdout.strip() or f"stages.check_params failed: {check.stderr.strip()[-500:]}")
     return points

@@ -6,22 +6,15 @@ import pytest
 
 from slimforge import SlimforgeError
 from slimforge.config import load_params, parse_params
-from stages.base.params import BaseParams, ModelParams
-from stages.data.params import DataParams
-from stages.filter.params import FilterParams
-from stages.lora.params import LoraParams
-from stages.package.params import PackageParams
-from stages.prune.params import PruneParams
-from stages.quantize.params import QuantizeParams
-from stages.report.params import ReportParams
-from stages.rl.params import RlParams
 from flows.sweep_params import SweepParams
+from stages.base.params import BaseParams, ModelParams
+from stages.check_params import SCHEMAS
+from stages.data.params import DataParams
+from stages.lora.params import LoraParams
+from stages.prune.params import PruneParams
 from tests.conftest import REPO
 
-SHIPPED = {"data.yaml": DataParams, "base.yaml": BaseParams, "model.yaml": ModelParams, "prune.yaml": PruneParams,
-           "quantize.yaml": QuantizeParams, "filter.yaml": FilterParams, "lora.yaml": LoraParams,
-           "rl.yaml": RlParams, "package.yaml": PackageParams,
-           "report.yaml": ReportParams, "sweep.yaml": SweepParams}
+SHIPPED = {Path(f).name: schema for f, schema in SCHEMAS.items()} | {"sweep.yaml": SweepParams}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

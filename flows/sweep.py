@@ -27,14 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+from flows.pipeline import RUNNING  # first: it also turns Prefect's telemetry off before prefect loads
 from flows.sweep_params import NO_REGISTER, SweepParams, expand_grid, yaml_value
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from slimforge import SlimforgeError, pareto
 from slimforge.config import load_params
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline, as flows/pipeline.py says
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 
 def _git(root: Path, *args: str) -> str:
@@ -67,8 +65,8 @@ def run_point(name: str, overrides: dict, root: Path) -> dict:
         line = line.rstrip()
         if line:
             logger.info(line)
-        if line.startswith("Running stage '"):
-            ran.append(line.split("'")[1])
+        if m := RUNNING.match(line):
+            ran.append(m.group(1))
     if proc.wait() != 0:
         raise RuntimeError(f"point {name}: dvc exp run failed with exit status {proc.returncode} (see its log)")
     return {"name": name, "status": "ran", "stages_ran": ran, "seconds": round(time.monotonic() - started, 1)}
@@ -106,7 +104,8 @@ def write_frontier(cands: list[dict], folder: Path, label_keys: list[str]) -> di
 
 
 def register_best(root: Path, best: dict) -> dict:
-    """Rerun the best point with register_model on (only package and report are stale then)."""
+    """Rerun the best point with register_model on: package reruns and registers (upstream stages
+    that differ from the baseline rerun too: DVC's run cache cannot restore them, see README Sweeps)."""
     name = f"{best['point']}-registered"
     if name not in finished_points(root):
         run_point.fn(name, {**best["params"], "params/package.yaml:register_model": True}, root)

@@ -36,6 +36,7 @@ from slimforge.tracking import PARENT_ENV, pipeline_run  # noqa: E402
 
 RUNNING = re.compile(r"Running stage '(.+)':")  # what `dvc repro` prints per stage it runs
 CACHED = re.compile(r"Stage '(.+)' is cached - skipping run")
+NPROC_ENV = "SLIMFORGE_NPROC"  # read by slimforge.distributed (not imported here: the flow does not load torch)
 
 
 def dvc_stages(root: Path) -> list[str]:
@@ -81,13 +82,13 @@ def transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=transient, task_run_name="dvc repro {stage}")
-def repro(stage: str, parent_run_id: str, root: Path) -> dict[str, dict]:
+def repro(stage: str, parent_run_id: str, root: Path, nproc: int | None = None) -> dict[str, dict]:
     """Bring one stage up to date, its output streamed into Prefect's log; returns {stage: {status,
     seconds}} for each stage DVC ran or restored (on failure, the exception's `stages`). A crash, OOM or killed worker is retried (training
     stages resume from their last checkpoint, so a retry does not start over); bad params or data
-    fail at once."""
+    fail at once. `nproc`: processes per training stage (SLIMFORGE_NPROC; None: the environment's)."""
     logger = get_run_logger()
-    env = {**os.environ, PARENT_ENV: parent_run_id}
+    env = {**os.environ, PARENT_ENV: parent_run_id, **({NPROC_ENV: str(nproc)} if nproc else {})}
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     done, errors, current, start = {}, [], None, time.monotonic()
@@ -119,10 +120,11 @@ def repro(stage: str, parent_run_id: str, root: Path) -> dict[str, dict]:
 
 
 @flow(name="slimforge-pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, root: str | None = None) -> dict[str, dict]:
+def pipeline(stages: list[str] | None = None, root: str | None = None, nproc: int | None = None) -> dict[str, dict]:
     """Bring `stages` (default: all of dvc.yaml) up to date in the repo at `root` (default: the
     working directory), in order; returns each stage's metrics (its status and seconds are in
-    the summary table)."""
+    the summary table). `nproc` > 1 runs each training stage under torchrun with that many
+    processes (slimforge.distributed; the same results, so DVC's cache still holds)."""
     logger = get_run_logger()
     root = Path(root or Path.cwd()).resolve()
     known = dvc_stages(root)
@@ -145,7 +147,8 @@ def pipeline(stages: list[str] | None = None, root: str | None = None) -> dict[s
                     continue
                 parent = parent or stack.enter_context(pipeline_run())  # opened by the first stale stage
                 try:
-                    status.update({stage: {"status": "up to date", "seconds": 0.0}} | repro(stage, parent.run_id, root))
+                    ran = repro(stage, parent.run_id, root, nproc)
+                    status.update({stage: {"status": "up to date", "seconds": 0.0}} | ran)
                 except Exception as err:
                     status.update(getattr(err, "stages", {stage: {"status": "failed", "seconds": None}}))
                     raise
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--serve", action="store_true", help="serve a scheduled deployment instead (Prefect's flow.serve)")
     ap.add_argument("--cron", default="0 3 * * *", help="schedule for --serve (default nightly 03:00)")
     ap.add_argument("--name", default="nightly", help="deployment name for --serve")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="processes (GPUs) per training stage, through torchrun (default: $SLIMFORGE_NPROC, else 1)")
     args = ap.parse_args(argv)
     if args.serve:
         from prefect.settings import PREFECT_API_URL
@@ -186,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         if not PREFECT_API_URL.value():  # without a server Prefect warns, then polls forever
             sys.exit("error: a schedule needs a Prefect server: run `prefect server start` in another shell, then "
                      "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and start this again")
-        pipeline.serve(name=args.name, cron=args.cron, parameters={"stages": args.stages or None})
+        pipeline.serve(name=args.name, cron=args.cron, parameters={"stages": args.stages or None, "nproc": args.nproc})
     else:
-        pipeline(args.stages or None)
+        pipeline(args.stages or None, nproc=args.nproc)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ FILE = "state.pt"
 
 
 def save_checkpoint(folder: str | Path, state: dict) -> None:
+    """Write `state` (replacing the last one). Under torchrun only rank 0 writes; the others return."""
+    from slimforge import distributed
+
+    if not distributed.is_main():
+        return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{FILE}.tmp"

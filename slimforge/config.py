@@ -52,6 +52,13 @@ class Schedule(Schema):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not on norms and biases)")
     grad_clip: float = Field(1.0, ge=0, description="gradient norm clip (0: off)")
     checkpoint_every: int = Field(100, ge=0, description="steps between resumable checkpoints (0: none)")
+    micro_batch_size: int = Field(0, ge=0, description="sequences per forward/backward on each process (0: its "
+                                  "whole share of the batch); gradients accumulate to batch_size")
+    shard: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="across processes (SLIMFORGE_NPROC > 1): DDP, FSDP2, or auto: FSDP2 when weights + "
+        "gradients + AdamW state exceed memory_budget_gb")
+    memory_budget_gb: float = Field(0.0, ge=0, description="per-device memory budget in GiB (0: the device's "
+                                    "memory); enforced on CUDA")
 
 
 S = TypeVar("S", bound=Schema)

@@ -61,7 +61,8 @@ def pretrain(preset: Preset, seed: int, data_dir: Path, checkpoint_dir: Path, fi
     metrics = {"steps": preset.steps, "seconds": result["seconds"], "tokens_per_s": tokens_per_s,
                "steady_tokens_per_s": result["steady_tokens_per_s"],
                "final_loss": sum(tail) / len(tail), "resumed_from": result["resumed_from"],
-               "model_tflops_per_s": flops / 1e12}  # at the steady rate
+               "model_tflops_per_s": flops / 1e12,  # at the steady rate
+               "world_size": result["world_size"]}  # processes that trained (SLIMFORGE_NPROC)
     if peak:
         metrics["mfu"] = flops / peak
     return model, tokenizer, metrics, losses

@@ -17,11 +17,14 @@ from one declaration.
 from __future__ import annotations
 
 import argparse
+import atexit
 import fnmatch
 import importlib
 import os
 import shutil
-from contextlib import contextmanager
+import sys
+import tempfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,23 +33,33 @@ from slimforge import SlimforgeError
 from slimforge.cli_util import exit_on_error, setup_logging
 from slimforge.config import Schema, load_params
 from slimforge.io import atomic_dir, content_hash, write_json
-from slimforge.tracking import StageRun, flatten, stage_run
+from slimforge.tracking import NullRun, StageRun, flatten, stage_run
 
 
 def pick_device(name: str = "auto") -> str:
-    """'auto' is CUDA when there is a GPU, else the CPU; any other name is kept."""
-    if name == "auto":
+    """'auto' is CUDA when there is a GPU, else the CPU; any other name is kept, except that under
+    torchrun 'auto' and 'cuda' are this process's own GPU (cuda:LOCAL_RANK)."""
+    if name in ("auto", "cuda"):
         import torch  # here, not at the top: `python -m stages.<name>` checks its params before torch loads
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from slimforge import distributed
+
+        if name == "auto" and not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{distributed.local_rank()}" if distributed.launched() else "cuda"
     return name
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    """Where the stage writing `out` keeps resumable state (see checkpoint_folder)."""
+    return Path(out).parent / ".checkpoints" / Path(out).name
 
 
 def checkpoint_folder(out: str | Path, fingerprint: str) -> Path:
     """Where a stage keeps resumable state: beside its output, not in it (DVC deletes declared
     outputs before a stage runs). Emptied when it holds another run's state (other params or
     inputs): a run never resumes into state it did not make."""
-    folder = Path(out).parent / ".checkpoints" / Path(out).name
+    folder = checkpoint_path(out)
     mark = folder / "fingerprint"
     if folder.exists() and (not mark.exists() or mark.read_text() != fingerprint):
         shutil.rmtree(folder)
@@ -114,12 +127,57 @@ def open_stage(name: str, params: dict, *, out: str | Path, inputs: list, metric
     """The context of one stage run (see the module docstring). `inputs`: Paths hashed by
     content, or in-memory values (records) hashed as JSON, into the resume fingerprint.
     `metrics` gets the headline numbers, `report` (when given) everything (see Stage.finish)."""
+    from slimforge import distributed
+
     fingerprint = content_hash(params, *inputs)
-    checkpoints = checkpoint_folder(out, fingerprint)
-    with stage_run(name, params, inputs) as tracker:
+    main = distributed.is_main()
+    if main:
+        checkpoint_folder(out, fingerprint)
+    distributed.barrier()  # the other ranks read checkpoints only once rank 0 has emptied stale ones
+    checkpoints = checkpoint_path(_WORKER_OUTPUTS.get(str(out), out))  # rank 0's, on every rank
+    with stage_run(name, params, inputs) if main else nullcontext(NullRun()) as tracker:
         yield Stage(name, pick_device(device), Path(out), checkpoints, fingerprint, tracker, Path(metrics),
                     None if report is None else Path(report))
-    shutil.rmtree(checkpoints, ignore_errors=True)  # only after success: a failed run resumes from it
+    if main:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # only after success: a failed run resumes from it
+
+
+# Under torchrun, ranks other than 0 write their outputs into a scratch folder: {scratch path: real path}.
+_WORKER_OUTPUTS: dict[str, Path] = {}
+OUTPUT_FLAGS = ("out", "metrics", "report", "plots")
+
+
+def join_ranks(args: dict) -> None:
+    """Join torchrun's process group (when launched by it); on ranks other than 0, point the
+    output flags of `args` at a scratch folder deleted at exit and quiet the logs to warnings, so
+    only rank 0 writes and reports."""
+    from slimforge import distributed
+
+    distributed.init()
+    if distributed.is_main():
+        return
+    setup_logging("WARNING")
+    scratch = Path(tempfile.mkdtemp(prefix=f"slimforge-rank{distributed.rank()}-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    for flag in OUTPUT_FLAGS:
+        if args.get(flag):
+            real = Path(args[flag])
+            args[flag] = str(scratch / real.name)
+            _WORKER_OUTPUTS[args[flag]] = real
+
+
+def relaunch(name: str, argv: list[str]) -> None:
+    """With SLIMFORGE_NPROC=N > 1 and not yet under torchrun: replace this process by
+    `torchrun --standalone --nproc-per-node N -m stages.<name> <argv>` (exit status and signals pass
+    through). Otherwise return."""
+    from slimforge import distributed
+
+    nproc = distributed.requested_nproc()
+    if nproc > 1 and not distributed.launched():
+        command = distributed.relaunch_command(f"stages.{name}", argv, nproc)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(command[0], command)
 
 
 # What the common path flags mean; a stage's own flags say so in `help`.
@@ -142,13 +200,13 @@ def restore_hint(name: str, args: dict) -> str:
 def stage_main(module: str, *, name: str, params: dict[str, type[Schema]], paths: list[str],
                optional: tuple[str, ...] = (), help: dict[str, str] | None = None,
                summary: Callable[[dict], str] | None = None, doc: str | None = None,
-               argv: list[str] | None = None) -> None:
+               argv: list[str] | None = None, trains: bool = False) -> None:
     """The command line of `python -m stages.<name>`: one `--<key> FILE` per params schema and one
     `--<path>` per path, passed to `module`'s `run` as keyword arguments named like the flags (dashes
     become underscores). Every params file is validated before `module` is imported (torch and
     transformers take seconds to load; a typo should not wait for them); a SlimforgeError prints one
     line and exits with status 2; `summary(metrics)` is printed (stdout) at the end. `argv` defaults
-    to sys.argv."""
+    to sys.argv. `trains`: the stage trains, so SLIMFORGE_NPROC > 1 runs it under torchrun."""
     help = {**COMMON_HELP, **(help or {})}
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,8 +223,11 @@ def stage_main(module: str, *, name: str, params: dict[str, type[Schema]], paths
             loaded = {key: load_params(args.pop(key), schema) for key, schema in params.items()}
         except SlimforgeError as err:
             raise SlimforgeError(f"{err}{restore_hint(name, args)}") from None
+        if trains:  # training stages run under torchrun when SLIMFORGE_NPROC > 1 (slimforge.distributed)
+            relaunch(name, sys.argv[1:] if argv is None else argv)
+            join_ranks(args)
         metrics = importlib.import_module(module).run(**loaded, **args)
-        if summary is not None:
+        if summary is not None and not _WORKER_OUTPUTS:
             print(summary(metrics))
 
     exit_on_error(main)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import math
+import random
 import time
 import warnings
 from collections import Counter
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from slimforge import SlimforgeError
+from slimforge import SlimforgeError, distributed
 from slimforge.batching import collate
 from slimforge.checkpoint import load_checkpoint, save_checkpoint
 from slimforge.cli_util import progress
@@ -88,6 +88,10 @@ def train_rl(policy: torch.nn.Module, tokenizer, spec: RolloutSpec, schedule: Sc
     if max_staleness and (build_policy is None or tokenizer_dir is None):
         raise SlimforgeError("max_staleness > 0 runs rollouts in another process: give build_policy and tokenizer_dir")
     G, steps = spec.num_generations, schedule.steps
+    if distributed.world_size() > 1:
+        log.warning("rl: the policy-gradient loop is not split across processes yet: each of the %d ranks runs "
+                    "all of it (the same result as one process, no speed-up); the supervised warm-up is split",
+                    distributed.world_size())
     optimizer = make_optimizer(policy, schedule.lr, schedule.weight_decay)
     scheduler = make_scheduler(optimizer, steps, min(schedule.warmup_steps, steps), schedule.min_lr_ratio)
     history, start, reference = [], 0, trainable_state(policy)

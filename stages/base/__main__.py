@@ -11,7 +11,7 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main("stages.base.stage", name="base", params={"model_params": ModelParams, "params": BaseParams},
+    stage_main("stages.base.stage", name="base", trains=True, params={"model_params": ModelParams, "params": BaseParams},
                paths=["data", "out", "metrics", "report", "plots"], optional=("report",),
                summary=summary, doc=doc,
                help={"model_params": "params/model.yaml", "out": "output model folder (data/base)"})

@@ -26,16 +26,7 @@ def run(params: DataParams, out: str | Path, labels: str | Path, metrics: str | 
     user_labels = load_labels(user.pop(LABELS_FILE)) if LABELS_FILE in user else None
     user_records = {name: load_records(path, need_answer=name in NEEDS_ANSWER) for name, path in user.items()}
     with open_stage("data", params.model_dump(), out=out, inputs=[], metrics=metrics, report=report) as stage:
-        files, label_rows = build_suite(
-            seed=params.seed, n_train=params.train_per_family, n_val=params.val_per_family,
-            n_test=params.test_per_family, n_judge_train=params.judge_train,
-            n_judge_test=params.judge_test,
-            n_lora=(params.lora.train, params.lora.val, params.lora.test),
-            n_rl=(params.rl.train, params.rl.val, params.rl.test), noisy_families=tuple(params.noisy.families),
-            n_noisy=params.noisy.size, wrong_fraction=params.noisy.wrong_fraction,
-            n_references=params.references, gross_fraction=params.gross_fraction,
-            judge_families=tuple(params.judge_families),
-            error_modes=None if params.noisy.error_modes == {"random": 1.0} else params.noisy.error_modes)
+        files, label_rows = suite(params)
         if user_labels is not None:
             label_rows = user_labels
         elif "noisy.jsonl" in user:
@@ -50,3 +41,17 @@ def run(params: DataParams, out: str | Path, labels: str | Path, metrics: str | 
         return stage.finish({"records": {name.removesuffix(".jsonl"): len(r) for name, r in files.items()},
                              "noisy_wrong_fraction": wrong / len(label_rows) if label_rows else 0.0},
                             headline=HEADLINE)
+
+
+def suite(params: DataParams) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The generated suite the params describe: {file name: records}, and the noisy set's labels."""
+    return build_suite(
+        seed=params.seed, n_train=params.train_per_family, n_val=params.val_per_family,
+        n_test=params.test_per_family, n_judge_train=params.judge_train,
+        n_judge_test=params.judge_test,
+        n_lora=(params.lora.train, params.lora.val, params.lora.test),
+        n_rl=(params.rl.train, params.rl.val, params.rl.test), noisy_families=tuple(params.noisy.families),
+        n_noisy=params.noisy.size, wrong_fraction=params.noisy.wrong_fraction,
+        n_references=params.references, gross_fraction=params.gross_fraction,
+        judge_families=tuple(params.judge_families),
+        error_modes=None if params.noisy.error_modes == {"random": 1.0} else params.noisy.error_modes)

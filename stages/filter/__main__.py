@@ -18,7 +18,7 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main("stages.filter.stage", name="filter", params={"params": FilterParams},
+    stage_main("stages.filter.stage", name="filter", trains=True, params={"params": FilterParams},
                paths=["model", "data", "labels", "out", "metrics", "report"],
                optional=("labels", "report"), summary=summary, doc=doc,
                help={"model": "the base model folder: the judge's base (params judge) and the model of the "

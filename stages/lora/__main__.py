@@ -11,7 +11,7 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main("stages.lora.stage", name="lora", params={"params": LoraParams},
+    stage_main("stages.lora.stage", name="lora", trains=True, params={"params": LoraParams},
                paths=["base", "data", "out", "metrics", "report", "plots"], optional=("report",),
                summary=summary, doc=doc,
                help={"base": "the full base model folder (data/base): the recovered adapter's target",

@@ -11,7 +11,7 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main("stages.quantize.stage", name="quantize", params={"params": QuantizeParams},
+    stage_main("stages.quantize.stage", name="quantize", trains=True, params={"params": QuantizeParams},
                paths=["model", "base", "data", "out", "metrics", "report", "plots"], optional=("report",),
                summary=summary, doc=doc,
                help={"model": "the pruned model folder (data/pruned)",

@@ -11,7 +11,7 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    stage_main("stages.rl.stage", name="rl", params={"params": RlParams},
+    stage_main("stages.rl.stage", name="rl", trains=True, params={"params": RlParams},
                paths=["base", "lora", "data", "out", "metrics", "report", "plots"], optional=("report",),
                summary=summary, doc=doc,
                help={"base": "the base model folder (data/base)",

@@ -23,6 +23,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -61,12 +62,15 @@ def run_workload(name: str, args) -> dict:
     from slimforge.training import train_causal_lm
 
     tmp = tempfile.mkdtemp(prefix="bench-ckpt-")
-    if name == "base":
+    if name == "allreduce":
+        return _allreduce_bandwidth()
+    if name.startswith("base"):
         from slimforge.pretrain import pretrain
         from stages.base.params import BaseParams
 
         preset = load_params(REPO / "params" / "base.yaml", BaseParams).presets["gpu"]
-        preset = preset.model_copy(update={"steps": args.steps, "checkpoint_every": 0, "log_every": args.steps})
+        preset = preset.model_copy(update={"steps": args.steps, "checkpoint_every": 0, "log_every": args.steps,
+                                           "compile": preset.compile and name != "base_eager"})
         _, _, metrics, losses = pretrain(preset, 0, Path(args.data), Path(tmp), "bench")
         return {"tokens_per_s": metrics["steady_tokens_per_s"], "final_loss": losses[-1],
                 "global_batch": preset.batch_size, "steps": preset.steps}
@@ -103,6 +107,26 @@ def run_workload(name: str, args) -> dict:
             if distributed.world_size() > 1 else "single"}
 
 
+def _allreduce_bandwidth(numel: int = 76_000_000) -> dict:
+    """Seconds and bus bandwidth of one fp32 all-reduce of `numel` elements (the base gpu preset's
+    gradients), median of 10: what DDP pays per step, unless it hides behind the backward pass."""
+    from slimforge import distributed
+
+    if distributed.world_size() == 1:
+        return {"skipped": "one process"}
+    t = torch.ones(numel, device="cuda")
+    times = []
+    for _ in range(13):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.distributed.all_reduce(t)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times[3:])[5]
+    world = distributed.world_size()
+    return {"bytes": numel * 4, "seconds": seconds, "bus_gb_per_s": numel * 4 * 2 * (world - 1) / world / seconds / 1e9}
+
+
 def _peaks() -> list[float]:
     """Every rank's peak allocated GPU memory (GiB), in rank order."""
     from slimforge import distributed
@@ -119,6 +143,7 @@ def worker(args) -> None:
     from slimforge import distributed
 
     distributed.init()
+    torch._dynamo.config.optimize_ddp = args.optimize_ddp == "on"
     row = run_workload(args.worker, args)
     if distributed.is_main():
         Path(args.out).write_text(json.dumps(row))
@@ -128,7 +153,7 @@ def launch(workload: str, world: int, args, data: Path) -> dict:
     out = Path(tempfile.mkdtemp()) / "row.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "stages.base.bench_scaling", "--worker", workload, "--out", str(out), "--data", str(data),
-               "--steps", str(args.steps), "--budget-gib", str(args.budget_gib)]
+               "--steps", str(args.steps), "--budget-gib", str(args.budget_gib), "--optimize-ddp", args.optimize_ddp]
     try:  # a rank that dies alone leaves the other waiting in a collective: bound the wait
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as err:
@@ -143,8 +168,11 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--workloads", default="base,lora,fsdp")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--budget-gib", type=float, default=24.0)
+    ap.add_argument("--budget-gib", type=float, default=20.0)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--optimize-ddp", choices=("on", "off"), default="on",
+                    help="torch._dynamo.config.optimize_ddp: compiled graphs split at DDP's buckets (on, torch's "
+                         "default) or whole, with the all-reduce after the backward (off)")
     ap.add_argument("--timeout", type=float, default=400, help="seconds per torchrun launch")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -164,7 +192,8 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "nproc": args.nproc,
                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
                             **{m: __import__(m).__version__ for m in ("transformers", "peft")}},
-               "commit": os.environ.get("SLIMFORGE_COMMIT"), "budget_gib": args.budget_gib, "workloads": {}}
+               "commit": os.environ.get("SLIMFORGE_COMMIT"), "budget_gib": args.budget_gib,
+               "optimize_ddp": args.optimize_ddp, "command": " ".join(sys.argv), "workloads": {}}
     for workload in args.workloads.split(","):
         rows = {str(world): launch(workload, world, args, data) for world in (1, args.nproc)}
         one, many = rows["1"].get("tokens_per_s"), rows[str(args.nproc)].get("tokens_per_s")

@@ -98,7 +98,13 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
         distributed.load_optimizer_state(trained, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     trained.train()
+    if compile and world > 1:
+        # One graph with the all-reduce after the backward, instead of graphs split at DDP's buckets
+        # to overlap it: 1.67x vs 1.18x the tokens/s of one GPU on 2 H200s for the base gpu preset
+        # (benchmarks/2026-11-30-h200x2-scaling.json); the all-reduce takes ~1 ms over NVLink.
+        torch._dynamo.config.optimize_ddp = False
     forward = torch.compile(trained) if compile else trained  # checkpoints keep the plain module's keys
+    pinned = device.type == "cuda"
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     epoch, batches = -1, []
@@ -122,7 +128,10 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
         step_loss, step_logs = torch.zeros((), device=device), {}
         for j, chunk in enumerate(chunks):
             batch = collate([examples[i] for i in chunk], pad_id, pad_multiple=8 if device.type == "cuda" else 1)
-            inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+            # Pinned, so the copy is asynchronous: from pageable memory it would wait for the GPU to
+            # finish the previous step, and the CPU's collation could never overlap the GPU's work.
+            inputs = {k: (batch[k].pin_memory() if pinned else batch[k]).to(device, non_blocking=True)
+                      for k in ("input_ids", "attention_mask", "labels")}
             # The loss is a mean over this chunk's response tokens; weighted by the chunk's share of
             # the global batch's (times the ranks, which the gradient reduction averages over) the
             # summed gradient is the whole batch's mean, however the batch was cut.

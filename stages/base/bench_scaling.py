@@ -1,12 +1,15 @@
 """Training on 1 vs N GPUs of one host, and FSDP2 under a memory budget, through the loop every
 training stage uses (slimforge.training.train_causal_lm), in one run.
 
-    python -m stages.base.bench_scaling [--nproc 2] [--workloads base,lora,fsdp] [--json out.json]
+    python -m stages.base.bench_scaling [--nproc 2] [--workloads allreduce,base_fp32,base,lora,fsdp] [--json F]
 
 Each workload runs under `torchrun --nproc-per-node W` for W = 1 and N, at the same global batch and
 the same micro-batch per GPU, so tokens/s compare directly (steady rate: the second half of the steps):
+- allreduce: one fp32 all-reduce of the base gpu preset's 76M gradients (N only): the interconnect;
 - base: the base stage's `gpu` preset (76M Llama, bf16 autocast, torch.compile) pretraining on the
-  embedded suite of params/data.yaml, as `SLIMFORGE_NPROC=N dvc repro base` runs it;
+  embedded suite of params/data.yaml, as `SLIMFORGE_NPROC=N dvc repro base` runs it; base_eager
+  without compilation; base_fp32 without bf16 either, 20 steps, whose loss curves at W = 1 and N
+  must agree to float tolerance (bf16 runs drift apart: reductions cut differently round differently);
 - lora: PEFT LoRA (rank 16, all seven projections) on a Llama-3.2-1B-shaped model with random bf16
   weights, 512-token sequences;
 - fsdp: full-parameter training of a Llama-3.2-3B-shaped model in bf16 under `--budget-gib` per GPU
@@ -69,11 +72,14 @@ def run_workload(name: str, args) -> dict:
         from stages.base.params import BaseParams
 
         preset = load_params(REPO / "params" / "base.yaml", BaseParams).presets["gpu"]
-        preset = preset.model_copy(update={"steps": args.steps, "checkpoint_every": 0, "log_every": args.steps,
-                                           "compile": preset.compile and name != "base_eager"})
+        fp32 = name == "base_fp32"  # the equivalence check: no bf16, no compilation, fewer steps
+        preset = preset.model_copy(update={"steps": 20 if fp32 else args.steps, "checkpoint_every": 0,
+                                           "log_every": args.steps, "compile": name == "base",
+                                           "amp": "none" if fp32 else preset.amp})
         _, _, metrics, losses = pretrain(preset, 0, Path(args.data), Path(tmp), "bench")
-        return {"tokens_per_s": metrics["steady_tokens_per_s"], "final_loss": losses[-1],
-                "global_batch": preset.batch_size, "steps": preset.steps}
+        return {"tokens_per_s": metrics["steady_tokens_per_s"], "final_loss": losses[-1], "losses": losses,
+                "global_batch": preset.batch_size, "steps": preset.steps, "compile": preset.compile,
+                "amp": preset.amp}
     if name == "lora":
         from slimforge.adapters import add_lora
         from slimforge.config import PROJECTIONS
@@ -143,7 +149,6 @@ def worker(args) -> None:
     from slimforge import distributed
 
     distributed.init()
-    torch._dynamo.config.optimize_ddp = args.optimize_ddp == "on"
     row = run_workload(args.worker, args)
     if distributed.is_main():
         Path(args.out).write_text(json.dumps(row))
@@ -153,9 +158,10 @@ def launch(workload: str, world: int, args, data: Path) -> dict:
     out = Path(tempfile.mkdtemp()) / "row.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "stages.base.bench_scaling", "--worker", workload, "--out", str(out), "--data", str(data),
-               "--steps", str(args.steps), "--budget-gib", str(args.budget_gib), "--optimize-ddp", args.optimize_ddp]
+               "--steps", str(args.steps), "--budget-gib", str(args.budget_gib)]
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # less fragmentation under a cap
     try:  # a rank that dies alone leaves the other waiting in a collective: bound the wait
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired as err:
         return {"failed": f"timed out after {args.timeout} s: {str(err.stderr)[-1500:]}"}
     if done.returncode != 0:
@@ -166,13 +172,10 @@ def launch(workload: str, world: int, args, data: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--workloads", default="base,lora,fsdp")
+    ap.add_argument("--workloads", default="allreduce,base_fp32,base,lora,fsdp")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--budget-gib", type=float, default=20.0)
+    ap.add_argument("--budget-gib", type=float, default=23.0)
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--optimize-ddp", choices=("on", "off"), default="on",
-                    help="torch._dynamo.config.optimize_ddp: compiled graphs split at DDP's buckets (on, torch's "
-                         "default) or whole, with the all-reduce after the backward (off)")
     ap.add_argument("--timeout", type=float, default=400, help="seconds per torchrun launch")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -193,12 +196,14 @@ def main() -> None:
                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
                             **{m: __import__(m).__version__ for m in ("transformers", "peft")}},
                "commit": os.environ.get("SLIMFORGE_COMMIT"), "budget_gib": args.budget_gib,
-               "optimize_ddp": args.optimize_ddp, "command": " ".join(sys.argv), "workloads": {}}
+               "command": " ".join(sys.argv), "workloads": {}}
     for workload in args.workloads.split(","):
         rows = {str(world): launch(workload, world, args, data) for world in (1, args.nproc)}
-        one, many = rows["1"].get("tokens_per_s"), rows[str(args.nproc)].get("tokens_per_s")
-        if one and many:
-            rows["speedup"] = many / one
+        one, many = rows["1"], rows[str(args.nproc)]
+        if one.get("tokens_per_s") and many.get("tokens_per_s"):
+            rows["speedup"] = many["tokens_per_s"] / one["tokens_per_s"]
+        if one.get("losses") and many.get("losses"):  # same global batch: the curves should agree
+            rows["max_loss_difference"] = max(abs(a - b) for a, b in zip(one["losses"], many["losses"]))
         results["workloads"][workload] = rows
         print(workload, json.dumps(rows)[:1500], flush=True)
     if args.json:

@@ -1,6 +1,6 @@
 """The `slimforge` command.
 
-    slimforge run [STAGE ...]                   # the Prefect pipeline (dvc repro per stage)
+    slimforge run [STAGE ...] [--nproc N]       # the Prefect pipeline (dvc repro per stage)
     slimforge schedule [STAGE ...] --cron "0 3 * * *"   # the same on a schedule (needs a Prefect server)
     slimforge eval MODEL_DIR [--data data/tasks] [--out metrics.json]
     slimforge check-data FILE.jsonl [--eval]    # validate your JSONL against the suite schema
@@ -108,10 +108,13 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="bring the pipeline up to date through Prefect (dvc repro per stage)")
     run.add_argument("stages", nargs="*", metavar="STAGE", help=f"stages to run (default: all): {stages}")
+    run.add_argument("--nproc", type=int, help="processes (GPUs) per training stage, through torchrun "
+                     "(default: $SLIMFORGE_NPROC, else 1)")
     schedule = sub.add_parser("schedule", help="run the pipeline on a cron schedule (needs `prefect server start`)")
     schedule.add_argument("stages", nargs="*", metavar="STAGE", help=f"stages to run (default: all): {stages}")
     schedule.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: 0 3 * * *, nightly at 03:00)")
     schedule.add_argument("--name", default="nightly", help="deployment name in Prefect (default: nightly)")
+    schedule.add_argument("--nproc", type=int, help="processes (GPUs) per training stage (default: 1)")
     ev = sub.add_parser("eval", help="evaluate a model folder with the shared harness")
     ev.add_argument("model", help="a Hugging Face model folder, e.g. data/base")
     ev.add_argument("--data", default="data/tasks", help="suite folder (default: data/tasks)")
@@ -140,10 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown and args.command != "serve":
         ap.error(f"unrecognized arguments: {' '.join(unknown)}")
     exit_on_error(setup_logging)  # stderr, SLIMFORGE_LOG_LEVEL (default INFO); JSON results stay on stdout
+    nproc = ["--nproc", str(args.nproc)] if getattr(args, "nproc", None) else []
     if args.command == "run":
-        _flow(args.stages)
+        _flow([*nproc, *args.stages])
     elif args.command == "schedule":
-        _flow(["--serve", "--cron", args.cron, "--name", args.name, *args.stages])
+        _flow(["--serve", "--cron", args.cron, "--name", args.name, *nproc, *args.stages])
     elif args.command == "serve":
         print("error: model serving is not implemented yet: the package stage's data/package/full loads in stock "
               "transformers or vLLM; the pipeline scheduler is `slimforge schedule`", file=sys.stderr)

@@ -101,13 +101,21 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def rank_slice(items: list, world: int, rank: int) -> list:
-    """This rank's contiguous share of one global batch; the shares, concatenated in rank order,
-    are the batch (so the data order is the single process's)."""
-    if len(items) % world:
-        raise SlimforgeError(f"batch_size {len(items)} does not divide by the {world} processes: "
-                             f"use a multiple of {world}")
-    share = len(items) // world
-    return items[rank * share:(rank + 1) * share]
+    """This rank's contiguous share of one global batch (sizes differ by at most one); the shares,
+    concatenated in rank order, are the batch, so the data order is the single process's. Uneven
+    shares are fine: the loop weights each micro-batch by its tokens and every rank reduces
+    gradients once per step."""
+    if len(items) < world:
+        raise SlimforgeError(f"a batch of {len(items)} sequences cannot feed {world} processes: "
+                             f"use batch_size >= {world} (and at least as many examples)")
+    return even_parts(items, world)[rank]
+
+
+def even_parts(items: list, n: int) -> list[list]:
+    """`items` cut into `n` contiguous parts whose sizes differ by at most one (some empty if n > len)."""
+    share, extra = divmod(len(items), n)
+    starts = [j * share + min(j, extra) for j in range(n + 1)]
+    return [items[starts[j]:starts[j + 1]] for j in range(n)]
 
 
 def training_state_bytes(model: torch.nn.Module) -> int:

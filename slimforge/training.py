@@ -83,7 +83,7 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
     if per_epoch == 0:  # a small or length-skewed set: no class fills a batch, so batch across classes
         groups = ["all"] * len(examples)
         per_epoch = len(epoch_batches(lengths, batch_size, seed, 0, groups))
-    distributed.rank_slice(list(range(batch_size)), world, rank)  # a batch that does not split fails now
+    distributed.rank_slice(list(range(batch_size)), world, rank)  # too small a batch for the ranks fails now
     losses: list[float] = []
     tokens, start_step = 0, 0
     state = load_checkpoint(checkpoint_dir, fingerprint)
@@ -121,13 +121,17 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
             batches = epoch_batches(lengths, batch_size, seed, epoch, groups)
         everyone = batches[step % per_epoch]  # the global batch: the same on every rank
         mine = distributed.rank_slice(everyone, world, rank)
-        micro = schedule.micro_batch_size or len(mine)
-        chunks = [mine[j:j + micro] for j in range(0, len(mine), micro)]
+        # Every rank makes the same number of forward/backward passes (FSDP2 gathers weights in
+        # each), enough for the largest share at micro_batch_size; a rank whose share is one short
+        # of that many passes repeats a row with weight 0 (only with micro_batch_size 1).
+        largest = -(-len(everyone) // world)
+        chunks = distributed.even_parts(mine, -(-largest // (schedule.micro_batch_size or largest)))
         total = max(sum(targets[i] for i in everyone), 1)
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_logs = torch.zeros((), device=device), {}
         for j, chunk in enumerate(chunks):
-            batch = collate([examples[i] for i in chunk], pad_id, pad_multiple=8 if device.type == "cuda" else 1)
+            rows = chunk or mine[:1]
+            batch = collate([examples[i] for i in rows], pad_id, pad_multiple=8 if device.type == "cuda" else 1)
             # Pinned, so the copy is asynchronous: from pageable memory it would wait for the GPU to
             # finish the previous step, and the CPU's collation could never overlap the GPU's work.
             inputs = {k: (batch[k].pin_memory() if pinned else batch[k]).to(device, non_blocking=True)
@@ -135,7 +139,7 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
             # The loss is a mean over this chunk's response tokens; weighted by the chunk's share of
             # the global batch's (times the ranks, which the gradient reduction averages over) the
             # summed gradient is the whole batch's mean, however the batch was cut.
-            share = sum(targets[i] for i in chunk) / total
+            share = sum(targets[i] for i in chunk) / total  # 0 for a repeated row
             with distributed.no_sync(trained, sync=j == len(chunks) - 1):
                 with autocast:
                     loss, logs = loss_fn(forward, inputs)

@@ -51,3 +51,24 @@ def test_serve_without_a_server_is_refused(monkeypatch):
     with temporary_settings(updates={PREFECT_API_URL: None}), pytest.raises(SystemExit) as done:
         main(["--serve", "--cron", "0 3 * * *"])
     assert "prefect server start" in str(done.value.code)
+
+
+def test_nproc_reaches_the_stage(tmp_path, monkeypatch):
+    """`pipeline(nproc=N)` (`slimforge run --nproc N`) hands SLIMFORGE_NPROC to each stage's process."""
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    monkeypatch.delenv("SLIMFORGE_NPROC", raising=False)
+    record = f"{sys.executable} -c \"import os; open('out.txt', 'w').write(os.environ.get('SLIMFORGE_NPROC', 'unset'))\""
+    root = _toy_repo(tmp_path, record)
+
+    @flow
+    def one(root, nproc):
+        return repro(stage="toy", parent_run_id="none", root=root, nproc=nproc)
+
+    with prefect_test_harness():
+        one(root, 3)
+        assert (tmp_path / "out.txt").read_text() == "3"
+        (tmp_path / "out.txt").unlink()
+        one(root, None)
+    assert (tmp_path / "out.txt").read_text() == "unset"

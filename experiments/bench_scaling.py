@@ -1,7 +1,7 @@
 """Training on 1 vs N GPUs of one host, and FSDP2 under a memory budget, through the loop every
 training stage uses (slimforge.training.train_causal_lm), in one run.
 
-    python -m stages.base.bench_scaling [--nproc 2] [--workloads allreduce,base_fp32,base,lora,fsdp] [--json F]
+    python -m experiments.bench_scaling [--nproc 2] [--workloads allreduce,base_fp32,base,lora,fsdp] [--json F]
 
 Each workload runs under `torchrun --nproc-per-node W` for W = 1 and N, at the same global batch and
 the same micro-batch per GPU, so tokens/s compare directly (steady rate: the second half of the steps):
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic(n: int, length: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -157,7 +157,7 @@ def worker(args) -> None:
 def launch(workload: str, world: int, args, data: Path) -> dict:
     out = Path(tempfile.mkdtemp()) / "row.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", "stages.base.bench_scaling", "--worker", workload, "--out", str(out), "--data", str(data),
+               "-m", "experiments.bench_scaling", "--worker", workload, "--out", str(out), "--data", str(data),
                "--steps", str(args.steps), "--budget-gib", str(args.budget_gib)]
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # less fragmentation under a cap
     try:  # a rank that dies alone leaves the other waiting in a collective: bound the wait

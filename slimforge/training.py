@@ -69,7 +69,8 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
     Returns {"losses": per-step loss over the whole run, "tokens": non-padding tokens seen over
     the whole run, "run_tokens" and "seconds": tokens and wall time of the steps this process ran,
     "steady_tokens_per_s": throughput over the second half of those steps (after compilation and
-    warm-up), "resumed_from": the step it resumed at (0 for a fresh run)}.
+    warm-up), "resumed_from": the step it resumed at (0 for a fresh run), "world_size": the
+    processes that trained (slimforge.distributed)}. Tokens count the whole global batch.
     """
     steps, batch_size = schedule.steps, min(schedule.batch_size, len(examples))
     warmup = min(schedule.warmup_steps, steps)
@@ -91,7 +92,8 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
         model.load_state_dict(state["model"])
         losses, tokens, start_step = list(state["losses"]), int(state["tokens"]), int(state["step"])
     distributed.enforce_budget(device, schedule.memory_budget_gb)
-    trained = distributed.wrap(model, distributed.choose_strategy(model, schedule.shard, schedule.memory_budget_gb))
+    strategy = distributed.choose_strategy(model, schedule.shard, schedule.memory_budget_gb)
+    trained = distributed.wrap(model, strategy)  # `model` itself in a single process
     optimizer = make_optimizer(distributed.unwrap(trained), schedule.lr, schedule.weight_decay, adam_beta2)
     scheduler = make_scheduler(optimizer, steps, warmup, schedule.min_lr_ratio)
     if state is not None:

@@ -21,6 +21,7 @@ smaller GPU fails here too.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import os
 import sys
@@ -162,7 +163,7 @@ def _layer_classes(model: torch.nn.Module) -> set[str]:
 def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
     """The module to train across ranks: `model` under DDP (sharing its parameters), or for "fsdp"
     a copy of `model` sharded with FSDP2 per decoder layer and at the root, on this rank's device;
-    `model` itself then stays put and gets the trained weights back from `gather_into`. In a single
+    `model` itself then waits on the CPU and gets the trained weights back from `gather_into`. In a single
     process, `model` itself."""
     if world_size() == 1:
         return model
@@ -187,7 +188,6 @@ def wrap(model: torch.nn.Module, strategy: str) -> torch.nn.Module:
         if type(m).__name__ in layers:
             fully_shard(m, mesh=mesh)
     fully_shard(sharded, mesh=mesh)  # moves each shard to the mesh's device
-    sharded._slimforge_home = device  # where the caller's model returns after training
     return sharded
 
 
@@ -212,11 +212,11 @@ def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             for k, v in module.state_dict().items()}
 
 
-def gather_into(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Copy the trained weights of an FSDP2 copy back into the caller's `model` and move it back to
-    the device it was on (a collective: one parameter gathered at a time)."""
+def gather_into(sharded: torch.nn.Module, model: torch.nn.Module, device: torch.device) -> None:
+    """Copy the trained weights of an FSDP2 copy back into the caller's `model` (waiting on the CPU)
+    and move it back to `device` (a collective: every rank gathers every weight)."""
     model.load_state_dict(full_model_state(sharded))
-    model.to(sharded._slimforge_home)
+    model.to(device)
 
 
 def _param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -256,8 +256,6 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def no_sync(module: torch.nn.Module, sync: bool):
     """A context in which backward accumulates locally (sync False) or reduces across ranks."""
-    import contextlib
-
     if is_sharded(module):
         module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()

@@ -33,7 +33,7 @@ from slimforge import SlimforgeError
 from slimforge.cli_util import exit_on_error, setup_logging
 from slimforge.config import Schema, load_params
 from slimforge.io import atomic_dir, content_hash, write_json
-from slimforge.tracking import NullRun, StageRun, flatten, stage_run
+from slimforge.tracking import StageRun, flatten, stage_run
 
 
 def pick_device(name: str = "auto") -> str:
@@ -68,6 +68,21 @@ def checkpoint_folder(out: str | Path, fingerprint: str) -> Path:
     return folder
 
 
+class NullRun:
+    """A StageRun that logs nothing: what ranks other than 0 get under torchrun."""
+
+    run_id = None
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        pass
+
+
 @dataclass
 class Stage:
     """One running stage: where it works and what it reports to."""
@@ -77,7 +92,7 @@ class Stage:
     out: Path
     checkpoints: Path
     fingerprint: str
-    tracker: StageRun
+    tracker: StageRun | NullRun
     metrics_path: Path
     report_path: Path | None = None
 

@@ -202,24 +202,6 @@ class StageRun:
         self._mlflow.set_tags(tags)
 
 
-class NullRun:
-    """A StageRun that logs nothing: what ranks other than 0 get under torchrun."""
-
-    run_id = None
-
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-
 def _tags(name: str) -> dict[str, str]:
     from mlflow.tracking.context.default_context import _get_main_file
     from mlflow.utils.git_utils import get_git_commit

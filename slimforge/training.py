@@ -187,7 +187,7 @@ def train_causal_lm(model: torch.nn.Module, examples: list[tuple[list[int], int]
     bar.close()
     if distributed.is_sharded(trained):
         del optimizer, forward
-        distributed.gather_into(trained, model)
+        distributed.gather_into(trained, model, device)
     model.eval()
     return {"losses": losses, "tokens": tokens, "run_tokens": run_tokens, "seconds": ended - started,
             "steady_tokens_per_s": (run_tokens - half_mark[1]) / max(ended - half_mark[0], 1e-9),

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from stages.lora.bench_memory import build, llama32_1b_shape
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,17 +48,6 @@ def llama_3b_shape():
     return LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                        num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=4096,
                        rope_theta=500000.0, tie_word_embeddings=True)
-
-
-def random_model(config) -> torch.nn.Module:
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    return model
 
 
 def run_workload(name: str, args) -> dict:
@@ -83,15 +74,13 @@ def run_workload(name: str, args) -> dict:
     if name == "lora":
         from slimforge.adapters import add_lora
         from slimforge.config import PROJECTIONS
-        from stages.lora.bench_memory import llama32_1b_shape
-
         config = llama32_1b_shape()
-        model = random_model(config).requires_grad_(False)
+        model = build(config, "full", 0.0)  # random bf16 weights on the GPU, frozen
         model = add_lora(model, rank=16, alpha=32, targets=list(PROJECTIONS))
         schedule = Schedule(steps=args.steps, lr=1e-4, warmup_steps=2, batch_size=32, micro_batch_size=8,
                             checkpoint_every=0)
     else:
-        model = random_model(llama_3b_shape())
+        model = build(llama_3b_shape(), "full", 0.0).requires_grad_(True)
         config = model.config
         schedule = Schedule(steps=6, lr=1e-5, warmup_steps=1, batch_size=8, micro_batch_size=2,
                             checkpoint_every=0, shard="auto", memory_budget_gb=args.budget_gib)

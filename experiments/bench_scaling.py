@@ -1,7 +1,8 @@
 """Training on 1 vs N GPUs of one host, and FSDP2 under a memory budget, through the loop every
 training stage uses (slimforge.training.train_causal_lm), in one run.
 
-    python -m experiments.bench_scaling [--nproc 2] [--workloads allreduce,base_fp32,base,lora,fsdp] [--json F]
+    python -m experiments.bench_scaling [--nproc 2] [--workloads allreduce,base_fp32,base,base_weak,lora,rl,fsdp]
+                                        [--json F]
 
 Each workload runs under `torchrun --nproc-per-node W` for W = 1 and N, at the same global batch and
 the same micro-batch per GPU, so tokens/s compare directly (steady rate: the second half of the steps):
@@ -12,6 +13,11 @@ the same micro-batch per GPU, so tokens/s compare directly (steady rate: the sec
   must agree to float tolerance (bf16 runs drift apart: reductions cut differently round differently);
 - lora: PEFT LoRA (rank 16, all seven projections) on a Llama-3.2-1B-shaped model with random bf16
   weights, 512-token sequences;
+- base_weak: the base `gpu` preset with the per-GPU batch fixed instead (global batch 2048 x W):
+  how much of the strong-scaling gap is one GPU's lower efficiency at half the batch;
+- rl: the rl stage's loop (slimforge.rl.trainer.train_rl: rollouts on the KV cache, then the DAPO
+  update) with a LoRA on a Llama-3.2-1B-shaped model with random bf16 weights, 32 prompts x 8
+  samples x 64 new tokens a step; W processes each take 32 / W prompts;
 - fsdp: full-parameter training of a Llama-3.2-3B-shaped model in bf16 under `--budget-gib` per GPU
   (enforced), which its weights + gradients + AdamW state exceed: on one GPU it runs out of memory;
   on N, `shard: auto` picks FSDP2. Peak memory per rank is reported.
@@ -64,13 +70,18 @@ def run_workload(name: str, args) -> dict:
 
         preset = load_params(REPO / "params" / "base.yaml", BaseParams).presets["gpu"]
         fp32 = name == "base_fp32"  # the equivalence check: no bf16, no compilation, fewer steps
+        from slimforge import distributed
+        weak = distributed.world_size() if name == "base_weak" else 1
         preset = preset.model_copy(update={"steps": 20 if fp32 else args.steps, "checkpoint_every": 0,
-                                           "log_every": args.steps, "compile": name == "base",
-                                           "amp": "none" if fp32 else preset.amp})
+                                           "log_every": args.steps, "compile": name in ("base", "base_weak"),
+                                           "amp": "none" if fp32 else preset.amp,
+                                           "batch_size": preset.batch_size * weak})
         _, _, metrics, losses = pretrain(preset, 0, Path(args.data), Path(tmp), "bench")
         return {"tokens_per_s": metrics["steady_tokens_per_s"], "final_loss": losses[-1], "losses": losses,
                 "global_batch": preset.batch_size, "steps": preset.steps, "compile": preset.compile,
                 "amp": preset.amp}
+    if name == "rl":
+        return _rl(args)
     if name == "lora":
         from slimforge.adapters import add_lora
         from slimforge.config import PROJECTIONS
@@ -100,6 +111,40 @@ def run_workload(name: str, args) -> dict:
             "training_state_gib": state_gib, "peak_gib_per_rank": _peaks(),
             "strategy": distributed.choose_strategy(model, schedule.shard, schedule.memory_budget_gb)
             if distributed.world_size() > 1 else "single"}
+
+
+def odd_length(answer: str, completion: str) -> float:
+    """The rl workload's reward: a random model earns it half the time, so groups vary and train."""
+    return float(len(completion) % 2)
+
+
+def _rl(args) -> dict:
+    from slimforge.adapters import add_lora
+    from slimforge.config import PROJECTIONS, Schedule
+    from slimforge.rl.batch import RolloutSpec
+    from slimforge.rl.trainer import train_rl
+    from slimforge.tasks.records import load_records
+    from slimforge.tokenizer import build_tokenizer
+
+    rows = load_records(Path(args.data) / "rl_train.jsonl", need_answer=True)
+    tokenizer = build_tokenizer([r["prompt"] + r["response"] for r in rows], 512)
+    config = llama32_1b_shape()
+    config.vocab_size = len(tokenizer)
+    model = add_lora(build(config, "full", 0.0), rank=16, alpha=32, targets=list(PROJECTIONS))
+    spec = RolloutSpec(prompts=tuple((r["prompt"], r["answer"]) for r in rows), prompts_per_step=32,
+                       num_generations=8, max_new_tokens=64, temperature=1.0, seed=0,
+                       reward="experiments.bench_scaling:odd_length", total_steps=args.rl_steps)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        result = train_rl(model, tokenizer, spec, Schedule(steps=args.rl_steps, lr=1e-5, warmup_steps=1, batch_size=32,
+                                                           checkpoint_every=0),
+                          checkpoint_dir=tempfile.mkdtemp(prefix="bench-rl-"), fingerprint="bench")
+    steady = result["history"][1:]  # the first step warms up kernels and caches
+    return {"tokens_per_s": result["rollout_tokens_per_s"] * result["rollout_seconds"] / result["seconds"],
+            "samples_per_s": result["samples_per_s"], "rollout_tokens_per_s": result["rollout_tokens_per_s"],
+            "train_tokens_per_s": result["train_tokens_per_s"], "seconds": result["seconds"],
+            "rollout_seconds": result["rollout_seconds"], "train_seconds": result["train_seconds"],
+            "steps": args.rl_steps, "mean_kept": sum(h["kept"] for h in steady) / max(len(steady), 1),
+            "peak_gib_per_rank": _peaks()}
 
 
 def _allreduce_bandwidth(numel: int = 76_000_000) -> dict:
@@ -147,7 +192,7 @@ def launch(workload: str, world: int, args, data: Path) -> dict:
     out = Path(tempfile.mkdtemp()) / "row.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "experiments.bench_scaling", "--worker", workload, "--out", str(out), "--data", str(data),
-               "--steps", str(args.steps), "--budget-gib", str(args.budget_gib)]
+               "--steps", str(args.steps), "--rl-steps", str(args.rl_steps), "--budget-gib", str(args.budget_gib)]
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # less fragmentation under a cap
     try:  # a rank that dies alone leaves the other waiting in a collective: bound the wait
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -161,8 +206,9 @@ def launch(workload: str, world: int, args, data: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--workloads", default="allreduce,base_fp32,base,lora,fsdp")
+    ap.add_argument("--workloads", default="allreduce,base_fp32,base,base_weak,lora,rl,fsdp")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rl-steps", type=int, default=6)
     ap.add_argument("--budget-gib", type=float, default=23.0)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--timeout", type=float, default=400, help="seconds per torchrun launch")
@@ -179,7 +225,7 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp(prefix="bench-suite-"))
     files, _ = suite(load_params(REPO / "params" / "data.yaml", DataParams))
-    for name in ("train.jsonl", "judge_train.jsonl"):
+    for name in ("train.jsonl", "judge_train.jsonl", "rl_train.jsonl"):
         write_jsonl(data / name, files[name])
     results = {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "nproc": args.nproc,
                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,

@@ -101,6 +101,28 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def sum_grads(params: list[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its sum over ranks (one flat all-reduce; a missing
+    gradient counts as zeros). For small trainable sets whose forward passes are not one module's
+    (the rl loop's adapter: rollouts run on the KV cache, outside any wrapper)."""
+    if world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).to(p.dtype, copy=True)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def rank_slice(items: list, world: int, rank: int) -> list:
     """This rank's contiguous share of one global batch (sizes differ by at most one); the shares,
     concatenated in rank order, are the batch, so the data order is the single process's. Uneven

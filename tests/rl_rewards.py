@@ -10,3 +10,9 @@ def flaky(answer: str, completion: str) -> float:
     if len(completion) % 3 == 0:
         return float("nan")
     return numeric_reward(answer, completion)
+
+
+def odd_length(answer: str, completion: str) -> float:
+    """1 for an odd-length completion: a reward a random tiny model earns about half the time, so
+    groups vary and every step updates."""
+    return float(len(completion) % 2)

@@ -146,3 +146,42 @@ def test_base_stage_under_two_processes_writes_once_and_matches_one(suite_dir, t
     assert json.loads((tmp_path / "two_report.json").read_text())["train"]["world_size"] == 2
     metrics = json.loads((tmp_path / "two.json").read_text())
     assert abs(metrics["ppl"] - single["ppl"]) < 1e-3 * single["ppl"]
+
+
+def test_rl_stage_under_two_processes_matches_one(suite_dir, tokenizer, tmp_path):
+    """The rl loop split over 2 processes (3 prompts a step: shares of 2 and 1, LATR on the first
+    of them, PPO-ptx replay rows split too) samples what one process samples and ends with the same
+    adapter; only rank 0 writes."""
+    from safetensors.torch import load_file
+
+    from stages.rl.params import RlParams
+    from stages.rl.stage import run as run_rl
+    from tests.helpers import save_tiny
+
+    base_dir = save_tiny("llama", tokenizer, tmp_path / "base")
+    params = RlParams.model_validate({
+        "start": "base", "rank": 2, "warmup": {"rows": 0}, "num_generations": 4, "max_completion_length": 3,
+        "eval_batch_size": 64, "train": {"steps": 3, "batch_size": 3, "warmup_steps": 1},
+        "latr": {"share_start": 0.34, "share_end": 0.34}, "ptx": {"coef": 0.5, "batch_size": 5},
+        "reward": "tests.rl_rewards:odd_length", "beta": 0.1}).model_dump()
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(params))
+    one = run_rl(RlParams.model_validate(params), base_dir, tmp_path / "no_lora", suite_dir, tmp_path / "one",
+                 tmp_path / "one.json", tmp_path / "one_plots", tmp_path / "one_report.json")
+    done = subprocess.run([sys.executable, "-m", "stages.rl", "--params", str(tmp_path / "rl.yaml"),
+                           "--base", str(base_dir), "--lora", str(tmp_path / "no_lora"), "--data", str(suite_dir),
+                           "--out", str(tmp_path / "two"), "--metrics", str(tmp_path / "two.json"),
+                           "--plots", str(tmp_path / "two_plots"), "--report", str(tmp_path / "two_report.json")],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, distributed.NPROC_ENV: "2"},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("rl:") == 1
+    two = json.loads((tmp_path / "two_report.json").read_text())
+    steps_one, steps_two = one["rl"]["history"], two["rl"]["history"]
+    assert len(steps_two) == 3 and all(h["samples"] > 0 for h in steps_one)  # every step updated
+    for a, b in zip(steps_one, steps_two):
+        assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]  # the same draws
+        assert a["samples"] == b["samples"] and abs(a["loss"] - b["loss"]) < 1e-5
+    assert one["rl"]["latr"] == two["rl"]["latr"] and one["rl"]["latr"]["latr_prompts"] == 3
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert any(float(b[k].abs().max()) > 0 for k in b if "lora_B" in k)  # it trained

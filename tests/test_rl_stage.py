@@ -68,11 +68,11 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, suite_dir, tokenizer
     params = _params(warmup={"rows": 0}, beta=0.1)  # the KL reference and the ptx rows survive the kill too
     real, calls = trainer.make_batch, []
 
-    def dies_at_step_3(model, tok, spec, step, version):
+    def dies_at_step_3(model, tok, spec, step, version, part):
         calls.append(step)
         if step == 3 and len(calls) == 4:
             raise KeyboardInterrupt  # the process dies after the checkpoint at step 2
-        return real(model, tok, spec, step, version)
+        return real(model, tok, spec, step, version, part)
 
     monkeypatch.setattr(trainer, "make_batch", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):

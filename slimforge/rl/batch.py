@@ -4,6 +4,11 @@ The same function runs in the trainer (synchronous mode) and in the rollout proc
 asynchronous mode), so both modes see exactly the same prompts and random streams for a step:
 batch b's prompts and sampling seed depend only on (seed, b), never on timing, which is what lets
 a killed run resume to the same result.
+
+Under torchrun each process makes its contiguous share of the step's prompts (`part`). Every
+prompt samples from its own stream, seeded by (seed, step, its slot in the step), so the shares
+concatenated are the batch one process would make (the same draws; only the batched forward's
+float rounding may differ with the batch's make-up).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from functools import lru_cache
 
 import torch
 
+from slimforge.distributed import even_parts
 from slimforge.rl.latr import latr_sample, latr_share
 from slimforge.rl.rewards import format_bonus, load_reward, score
 from slimforge.rl.rollout import Rollouts, sample
@@ -50,28 +56,37 @@ def _reward_fn(spec: str):
     return load_reward(spec)
 
 
+def prompt_streams(seed: int, step: int, slots: list[int]) -> list[torch.Generator]:
+    """One sampling stream per prompt slot of a step."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 4099 + slot) for slot in slots]
+
+
 @torch.no_grad()
-def make_batch(model: torch.nn.Module, tokenizer, spec: RolloutSpec, step: int, version: int) -> dict:
+def make_batch(model: torch.nn.Module, tokenizer, spec: RolloutSpec, step: int, version: int,
+               part: tuple[int, int] = (0, 1)) -> dict:
     """Rollouts for step `step` with the policy of `version`: {"rollouts", "rewards" [N],
-    "valid" [N] bool, "correct" [N] bool (reward function > 0), "stats"}."""
+    "valid" [N] bool, "correct" [N] bool (reward function > 0), "stats"}. `part` = (rank, world):
+    only this process's contiguous share of the step's prompts (the whole step by default)."""
     model.eval()
     idx = step_prompts(len(spec.prompts), spec.prompts_per_step, spec.seed, step)
-    prompts = [spec.prompts[i][0] for i in idx]
-    answers = [spec.prompts[i][1] for i in idx]
+    slots = even_parts(list(range(len(idx))), part[1])[part[0]]
+    prompts = [spec.prompts[idx[s]][0] for s in slots]
+    answers = [spec.prompts[idx[s]][1] for s in slots]
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
+    streams = prompt_streams(spec.seed, step, slots)
     share = latr_share(step, spec.total_steps, *spec.latr_share)
-    n_latr = round(share * len(idx))
+    # the step's first round(share * P) prompts take LATR: this share's part of them
+    n_latr = sum(s < round(share * len(idx)) for s in slots)
     common = dict(num_generations=spec.num_generations, max_new_tokens=spec.max_new_tokens,
                   temperature=spec.temperature, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                  generator=generator, version=version, tokenizer=tokenizer)
+                  version=version, tokenizer=tokenizer)
     parts, stats = [], {"latr_prompts": n_latr}
     if n_latr:
-        tree, tree_stats = latr_sample(model, ids[:n_latr], **common, **spec.latr)
+        tree, tree_stats = latr_sample(model, ids[:n_latr], generator=streams[:n_latr], **common, **spec.latr)
         parts.append(tree)
         stats.update({f"latr_{k}": v for k, v in tree_stats.items()})
-    if n_latr < len(idx):
-        plain = sample(model, ids[n_latr:], **common)
+    if n_latr < len(slots):
+        plain = sample(model, ids[n_latr:], generator=streams[n_latr:], **common)
         plain.prompt_index += n_latr
         parts.append(plain)
     rollouts = parts[0] if len(parts) == 1 else Rollouts.concat(parts, tokenizer.pad_token_id)

@@ -140,12 +140,14 @@ def _tree_rollouts(prompt: list[int], branches: list[_Branch], pad_id: int, vers
 
 
 def latr_sample(model, prompt_ids: list[list[int]], *, num_generations: int, max_new_tokens: int,
-                temperature: float = 1.0, eos_id: int, pad_id: int, generator: torch.Generator | None = None,
-                version: int = 0, branch_margin: float = 0.2, branch_min_prob: float = 0.2, lookahead: int = 4,
+                temperature: float = 1.0, eos_id: int, pad_id: int,
+                generator: torch.Generator | list[torch.Generator] | None = None, version: int = 0,
+                branch_margin: float = 0.2, branch_min_prob: float = 0.2, lookahead: int = 4,
                 prune_threshold: float = 0.3, tokenizer=None) -> tuple[Rollouts, dict]:
     """LATR rollouts of each prompt (exactly G = num_generations per prompt, layout i*G..i*G+G-1)
     and stats: branches created and pruned (totals), kept_per_prompt (mean surviving splits),
-    topped_up (ordinary samples added to fill groups), branch_positions (splits per completion step)."""
+    topped_up (ordinary samples added to fill groups), branch_positions (splits per completion step).
+    `generator`: one stream for all prompts, or a list with one per prompt."""
     if temperature <= 0:
         raise SlimforgeError(f"LATR needs temperature > 0 (it branches on sampling probabilities), got {temperature}")
     check_sampling_args(prompt_ids, num_generations, max_new_tokens, temperature, 0)
@@ -158,8 +160,9 @@ def latr_sample(model, prompt_ids: list[list[int]], *, num_generations: int, max
     model.eval()
     try:
         for i, prompt in enumerate(prompt_ids):
+            stream = generator[i] if isinstance(generator, list) else generator
             branches, c, p = _grow(model, prompt, num_generations=num_generations, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, eos_id=eos_id, generator=generator,
+                                   temperature=temperature, eos_id=eos_id, generator=stream,
                                    branch_margin=branch_margin, branch_min_prob=branch_min_prob,
                                    lookahead=lookahead, prune_threshold=prune_threshold, at=at)
             created, pruned = created + c, pruned + p
@@ -169,7 +172,7 @@ def latr_sample(model, prompt_ids: list[list[int]], *, num_generations: int, max
                 topped += extra
                 part = Rollouts.concat([part, sample(model, [prompt], num_generations=extra,
                                                      max_new_tokens=max_new_tokens, temperature=temperature,
-                                                     eos_id=eos_id, pad_id=pad_id, generator=generator,
+                                                     eos_id=eos_id, pad_id=pad_id, generator=stream,
                                                      version=version)], pad_id)
             part.prompt_index.fill_(i)
             parts.append(part)

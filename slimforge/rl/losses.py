@@ -82,13 +82,15 @@ def policy_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: to
                 epsilon_high: float | None = None, proximal_logp: torch.Tensor | None = None,
                 behaviour_cap: float | None = None, ref_logp: torch.Tensor | None = None,
                 beta: float = 0.0, max_completion_length: int | None = None,
-                ) -> tuple[torch.Tensor, dict]:
+                normaliser: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped policy-gradient loss (synchronous, or decoupled when `proximal_logp` is given), plus
     beta * k3 KL to `ref_logp`, aggregated by `loss_type`. Returns (scalar loss, detached logs).
 
     logp: current log-probs [N, T] (with grad); behaviour_logp: log-probs recorded at generation;
     advantages: [N], one per sequence; behaviour_cap: decoupled only, drop tokens whose
     pi_prox / pi_behav exceeds it (must be > 1; meaningless, so ignored, when synchronous: w == 1).
+    normaliser: divide the summed terms by this instead of by this batch's own `loss_normaliser`:
+    the whole batch's, when each process holds a share and gradients are summed over processes.
     """
     if loss_type not in LOSS_TYPES:
         raise SlimforgeError(f"unknown loss_type {loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
@@ -139,13 +141,28 @@ def policy_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: to
             per_token = per_token + beta * k3
 
     per_token = torch.where(mask, per_token, 0.0)
+    if normaliser is None:
+        normaliser = loss_normaliser(mask, loss_type, max_completion_length)
+    normaliser = torch.as_tensor(normaliser, device=per_token.device).clamp(min=1)
     if loss_type == "grpo":
         counts = mask.sum(dim=1)
         seq = per_token.sum(dim=1) / counts.clamp(min=1)
-        # sequences without a completion token are left out of the mean, not averaged in as 0
-        loss = torch.where(counts > 0, seq, 0.0).sum() / (counts > 0).sum().clamp(min=1)
-    elif loss_type == "dapo":
-        loss = per_token.sum() / mask.sum().clamp(min=1)
+        total = torch.where(counts > 0, seq, 0.0).sum()
     else:
-        loss = per_token.sum() / (n * max_completion_length)
-    return loss, logs
+        total = per_token.sum()
+    return total / normaliser, logs
+
+
+def loss_normaliser(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> torch.Tensor:
+    """What `policy_loss` divides its summed terms by: "grpo" the sequences with a completion token
+    (one without is left out of the mean, not averaged in as 0), "dapo" the completion tokens,
+    "dr_grpo" N * max_completion_length. A sum over shares is the whole batch's (so it may be 0:
+    `policy_loss` divides by at least 1)."""
+    mask = mask.bool()
+    if loss_type == "grpo":
+        n = (mask.sum(dim=1) > 0).sum()
+    elif loss_type == "dapo":
+        n = mask.sum()
+    else:
+        n = torch.tensor(mask.shape[0] * max_completion_length, device=mask.device)
+    return n

@@ -85,10 +85,27 @@ def token_versions(completion_mask: Tensor, version: int) -> Tensor:
     return torch.where(completion_mask, version, -1).long()
 
 
-def pick(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None
-         ) -> tuple[Tensor, Tensor]:
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def _draw(probs: Tensor, generator: Generators) -> Tensor:
+    """One token per row. A list holds one generator per group of rows (len(probs) / len(list)
+    each): a prompt's samples then depend on its own stream only, not on which other prompts share
+    the batch, so prompts split across processes draw what one process would."""
+    if not isinstance(generator, list):
+        if generator is not None:
+            probs = probs.to(generator.device)
+        return torch.multinomial(probs, 1, generator=generator).flatten()
+    group = len(probs) // len(generator)
+    probs = probs.to(generator[0].device)
+    return torch.cat([torch.multinomial(probs[i * group:(i + 1) * group], 1, generator=g).flatten()
+                      for i, g in enumerate(generator)])
+
+
+def pick(logits: Tensor, temperature: float, top_k: int, generator: Generators) -> tuple[Tensor, Tensor]:
     """(next token [B], its log-prob [B] under the distribution it was drawn from). Temperature 0 is
-    greedy; its log-prob is taken at temperature 1 (a point mass would record 0 and say nothing)."""
+    greedy; its log-prob is taken at temperature 1 (a point mass would record 0 and say nothing).
+    `generator`: one stream, or one per equal group of rows (see `_draw`)."""
     logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
@@ -99,10 +116,7 @@ def pick(logits: Tensor, temperature: float, top_k: int, generator: torch.Genera
     if temperature == 0:
         token = logp.argmax(-1)
     else:
-        probs = logp.exp()
-        if generator is not None:
-            probs = probs.to(generator.device)
-        token = torch.multinomial(probs, 1, generator=generator).flatten().to(logp.device)
+        token = _draw(logp.exp(), generator).to(logp.device)
     return token, logp.gather(-1, token[:, None]).flatten()
 
 
@@ -119,7 +133,7 @@ def check_sampling_args(prompt_ids: list[list[int]], num_generations: int, max_n
 
 @torch.no_grad()
 def _sample_chunk(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_k: int,
-                  eos_id: int, pad_id: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  eos_id: int, pad_id: int, generator: Generators) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One batch: (input_ids, attention_mask, completion_mask, logprobs), completion right-padded."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
@@ -155,12 +169,16 @@ def _sample_chunk(model, prompts: list[list[int]], *, max_new_tokens: int, tempe
 @torch.no_grad()
 def sample(model, prompt_ids: list[list[int]], *, num_generations: int, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, eos_id: int, pad_id: int,
-           generator: torch.Generator | None = None, version: int = 0, batch_size: int = 256,
+           generator: Generators = None, version: int = 0, batch_size: int = 256,
            tokenizer: PreTrainedTokenizerBase | None = None) -> Rollouts:
     """`num_generations` samples of each prompt (group layout i*G..i*G+G-1), decoded on the KV
     cache in chunks of whole groups (about `batch_size` rows). Rows stop at EOS. `completions` is
-    filled when `tokenizer` is given (else empty: call `Rollouts.decode`)."""
+    filled when `tokenizer` is given (else empty: call `Rollouts.decode`). `generator`: one stream
+    for all, or a list with one per prompt (what `batch.make_batch` gives, so a prompt's samples
+    do not depend on the others in its batch)."""
     check_sampling_args(prompt_ids, num_generations, max_new_tokens, temperature, top_k)
+    if isinstance(generator, list) and len(generator) != len(prompt_ids):
+        raise SlimforgeError(f"{len(generator)} generators for {len(prompt_ids)} prompts: give one per prompt")
     was_training = model.training
     model.eval()
     per_chunk = max(1, batch_size // num_generations)
@@ -171,7 +189,8 @@ def sample(model, prompt_ids: list[list[int]], *, num_generations: int, max_new_
             rows = [p for p in chunk for _ in range(num_generations)]
             ids, attention, completion, logprobs = _sample_chunk(
                 model, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                eos_id=eos_id, pad_id=pad_id, generator=generator)
+                eos_id=eos_id, pad_id=pad_id,
+                generator=generator[start:start + per_chunk] if isinstance(generator, list) else generator)
             index = torch.arange(start, start + len(chunk), device=ids.device).repeat_interleave(num_generations)
             parts.append(Rollouts(ids, attention, completion, logprobs, token_versions(completion, version), index, []))
     finally:

@@ -112,7 +112,7 @@ def policy_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: to
 
     mask = mask.bool()
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    adv = advantages.detach().float().unsqueeze(1)
+    adv = advantages.detach().float().to(logp.device).unsqueeze(1)
     # zero the log-differences outside the mask first: padding may hold -inf, and exp(nan) in an
     # unused branch of torch.where would still poison the gradient
     anchor = (behaviour_logp if proximal_logp is None else proximal_logp).detach()

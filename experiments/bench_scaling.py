@@ -16,8 +16,9 @@ the same micro-batch per GPU, so tokens/s compare directly (steady rate: the sec
 - base_weak: the base `gpu` preset with the per-GPU batch fixed instead (global batch 2048 x W):
   how much of the strong-scaling gap is one GPU's lower efficiency at half the batch;
 - rl: the rl stage's loop (slimforge.rl.trainer.train_rl: rollouts on the KV cache, then the DAPO
-  update) with a LoRA on a Llama-3.2-1B-shaped model with random bf16 weights, 32 prompts x 8
-  samples x 64 new tokens a step; W processes each take 32 / W prompts;
+  update) with a LoRA on a Llama-3.2-1B-shaped model with random bf16 weights, `--rl-prompts` x 8
+  samples x 64 new tokens a step; W processes each take 1 / W of the prompts; generated tokens per
+  second over the steps after the first;
 - fsdp: full-parameter training of a Llama-3.2-3B-shaped model in bf16 under `--budget-gib` per GPU
   (enforced), which its weights + gradients + AdamW state exceed: on one GPU it runs out of memory;
   on N, `shard: auto` picks FSDP2. Peak memory per rank is reported.
@@ -131,19 +132,19 @@ def _rl(args) -> dict:
     config = llama32_1b_shape()
     config.vocab_size = len(tokenizer)
     model = add_lora(build(config, "full", 0.0), rank=16, alpha=32, targets=list(PROJECTIONS))
-    spec = RolloutSpec(prompts=tuple((r["prompt"], r["answer"]) for r in rows), prompts_per_step=32,
+    spec = RolloutSpec(prompts=tuple((r["prompt"], r["answer"]) for r in rows), prompts_per_step=args.rl_prompts,
                        num_generations=8, max_new_tokens=64, temperature=1.0, seed=0,
                        reward="experiments.bench_scaling:odd_length", total_steps=args.rl_steps)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        result = train_rl(model, tokenizer, spec, Schedule(steps=args.rl_steps, lr=1e-5, warmup_steps=1, batch_size=32,
-                                                           checkpoint_every=0),
+        result = train_rl(model, tokenizer, spec, Schedule(steps=args.rl_steps, lr=1e-5, warmup_steps=1,
+                                                           batch_size=args.rl_prompts, checkpoint_every=0),
                           checkpoint_dir=tempfile.mkdtemp(prefix="bench-rl-"), fingerprint="bench")
     steady = result["history"][1:]  # the first step warms up kernels and caches
-    return {"tokens_per_s": result["rollout_tokens_per_s"] * result["rollout_seconds"] / result["seconds"],
-            "samples_per_s": result["samples_per_s"], "rollout_tokens_per_s": result["rollout_tokens_per_s"],
-            "train_tokens_per_s": result["train_tokens_per_s"], "seconds": result["seconds"],
-            "rollout_seconds": result["rollout_seconds"], "train_seconds": result["train_seconds"],
-            "steps": args.rl_steps, "mean_kept": sum(h["kept"] for h in steady) / max(len(steady), 1),
+    rollout_s, update_s = (sum(h[k] for h in steady) for k in ("rollout_seconds", "update_seconds"))
+    generated = sum(h["completion_length"] * args.rl_prompts * spec.num_generations for h in steady)
+    return {"tokens_per_s": generated / (rollout_s + update_s), "rollout_seconds_per_step": rollout_s / len(steady),
+            "update_seconds_per_step": update_s / len(steady), "prompts_per_step": args.rl_prompts,
+            "steps": args.rl_steps, "mean_kept": sum(h["kept"] for h in steady) / len(steady),
             "peak_gib_per_rank": _peaks()}
 
 
@@ -192,7 +193,8 @@ def launch(workload: str, world: int, args, data: Path) -> dict:
     out = Path(tempfile.mkdtemp()) / "row.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "experiments.bench_scaling", "--worker", workload, "--out", str(out), "--data", str(data),
-               "--steps", str(args.steps), "--rl-steps", str(args.rl_steps), "--budget-gib", str(args.budget_gib)]
+               "--steps", str(args.steps), "--rl-steps", str(args.rl_steps),
+               "--rl-prompts", str(args.rl_prompts), "--budget-gib", str(args.budget_gib)]
     env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # less fragmentation under a cap
     try:  # a rank that dies alone leaves the other waiting in a collective: bound the wait
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -209,6 +211,7 @@ def main() -> None:
     ap.add_argument("--workloads", default="allreduce,base_fp32,base,base_weak,lora,rl,fsdp")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rl-steps", type=int, default=6)
+    ap.add_argument("--rl-prompts", type=int, default=64)
     ap.add_argument("--budget-gib", type=float, default=23.0)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--timeout", type=float, default=400, help="seconds per torchrun launch")

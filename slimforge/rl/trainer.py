@@ -160,7 +160,8 @@ def train_rl(policy: torch.nn.Module, tokenizer, spec: RolloutSpec, schedule: Sc
                             "distinct": sum(whole["distinct"]) / len(whole["distinct"]),  # share of a group's
                             "completion_length": whole["generated"] / len(whole["rewards"]),  # samples that differ
                             "kept": whole["kept"] / len(whole["rewards"]), "samples": whole["kept"],
-                            "failed": whole["failed"], "staleness": step - version, **logs})
+                            "failed": whole["failed"], "staleness": step - version,
+                            "rollout_seconds": t1 - t0, "update_seconds": t2 - t1, **logs})
             bar.update(1)
             bar.set_postfix(correct=f"{history[-1]['correct']:.2f}")
             if on_log is not None:

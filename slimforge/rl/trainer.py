@@ -226,10 +226,10 @@ def _reference_logprobs(policy, reference: dict, r, temperature: float) -> torch
 
 def _update(policy, trainable, optimizer, r, advantages, spec: RolloutSpec, schedule: Schedule, step: int, *,
             loss_type, epsilon, epsilon_high, beta, num_iterations, decoupled, behaviour_cap, reference,
-            normaliser, replay=None, replay_coef=0.0, replay_share=1.0) -> dict:
+            normaliser=None, replay=None, replay_coef=0.0, replay_share=1.0) -> dict:
     """`num_iterations` clipped-policy updates on one (filtered) rollout batch, this process's share
     of it (possibly empty); logs of the last, over the whole batch. `normaliser`: the whole batch's
-    `loss_normaliser`; `replay_share`: this share's part of the replay tokens (the replay loss is a
+    `loss_normaliser` (None: this share's own); `replay_share`: this share's part of the replay tokens (the replay loss is a
     mean over this share's tokens, so weighted by it the shares add up to the whole batch's mean)."""
     policy.train()
     with torch.no_grad():

@@ -63,12 +63,7 @@ def load_model(source: str | Path, dtype: str = "auto", trust_remote_code: bool 
     if not is_dir and (Path(source).exists() or source.startswith((".", "/"))):
         raise SlimforgeError(f"model source {source!r} is not a folder with a Hugging Face model")
     where = "folder" if is_dir else "hub id (local cache only, downloads are off)"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)
-    except Exception as err:  # HF raises OSError/ValueError/EnvironmentError variants
-        raise SlimforgeError(f"model source {source!r} ({where}): no usable tokenizer: "
-                             f"{str(err).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(source, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, local_files_only=True, trust_remote_code=trust_remote_code,
@@ -76,10 +71,23 @@ def load_model(source: str | Path, dtype: str = "auto", trust_remote_code: bool 
     except Exception as err:
         raise SlimforgeError(f"model source {source!r} ({where}): cannot load a causal LM: "
                              f"{str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(source: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` gives, without loading the weights: left padding, and EOS as the
+    pad token when the folder names none."""
+    where = "folder" if Path(source).is_dir() else "hub id (local cache only, downloads are off)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except Exception as err:  # HF raises OSError/ValueError/EnvironmentError variants
+        raise SlimforgeError(f"model source {str(source)!r} ({where}): no usable tokenizer: "
+                             f"{str(err).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:  # batched evaluation pads; reuse EOS as most chat LMs do
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device).eval(), tokenizer
+    return tokenizer
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:

@@ -15,7 +15,7 @@ from slimforge.batching import encode_records
 from slimforge.evaluate import evaluate, evaluate_suite
 from slimforge.evaluate.harness import eval_files
 from slimforge.io import write_json, write_provenance
-from slimforge.modeling import load_model
+from slimforge.modeling import load_model, load_tokenizer
 from slimforge.plots import write_curve
 from slimforge.rl.batch import RolloutSpec
 from slimforge.rl.rewards import load_reward
@@ -114,7 +114,7 @@ def run(params: RlParams, base: str | Path, lora: str | Path, data: str | Path, 
     with open_stage("rl", params.model_dump(), out=out, inputs=inputs, metrics=metrics, report=report) as stage:
         policy = build_policy(str(base_dir), adapter, params.rank, params.alpha, tuple(params.targets), params.seed,
                               stage.device)
-        tokenizer = load_model(base_dir, device="cpu")[1]
+        tokenizer = load_tokenizer(base_dir)  # the policy's own: its weights are loaded once, above
         spec = rollout_spec(params, data)
         check_context(spec, tokenizer, policy.config.max_position_embeddings)
         val = load_records(data / RL_VAL, need_answer=True)

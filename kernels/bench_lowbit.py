@@ -11,7 +11,8 @@ Python launch overhead of the next call is hidden; CUDA events bracket the call 
 Sections: (1) forward y = x @ W^T per shape, format (bits:group) and M; (2) the fused rank-r
 correction at M in --lr-m: plain low-bit kernel vs fused vs unfused (plain kernel + two matmuls and
 an add); (3) GEMV vs GEMM for M = 2, 4 (picks GEMV_MAX_M); (4) the input gradient dx = dy @ W at
-M = --dx-m vs cuBLAS. Configs are tuned on first use (kernels/lowbit_tune.py); candidate kernels are
+M = --dx-m vs cuBLAS; (5) PyTorch's int4 kernel as a peer (kernels/bench_peer.py). Configs are
+tuned on first use (kernels/lowbit_tune.py); candidate kernels are
 compiled first in parallel worker processes (into Triton's disk cache) so tuning only times them.
 --configs-out writes the tuned table for this GPU (to ship as kernels/lowbit_configs.json).
 
@@ -246,7 +247,7 @@ def main() -> None:
     ap.add_argument("--dx-m", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
-    ap.add_argument("--skip", nargs="*", default=[], choices=["lowrank", "threshold", "dx"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["lowrank", "threshold", "dx", "peer"])
     ap.add_argument("--precompile-only", action="store_true", help="compile the tuning candidates and exit")
     args = ap.parse_args()
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
@@ -272,6 +273,10 @@ def main() -> None:
         rows += threshold_rows(args)
     if "dx" not in args.skip:
         rows += dx_rows(args, formats)
+    if "peer" not in args.skip:
+        from kernels.bench_peer import peer_rows
+
+        rows += peer_rows(args, args.shapes)
 
     configs = lowbit_tune.tables().get(gpu, {})
     with open(args.out, "w") as f:

@@ -89,26 +89,35 @@ def _gemv_candidates(M, N, K, bits, sms):
 
 
 def _gemm_candidates(M, N, K, bits, sms):
+    """The dequantisation, not the MMA, bounds this kernel at M <= 64, so it wants many small
+    programs in flight: on an H200 the best tiles at M = 8..16 were 16 x 16 (M x N) with 2 warps
+    and split-K 2..16, 20-25% faster than the 16 x 128 / 4-warp tiles this list used to end at
+    (benchmarks/2026-11-30-h200-lowbit-small-m-grid.json)."""
     vpw = 16 if bits in (2, 3) else 8
     out = []
     for bm in (16, 32, 64, 128):
         if bm > max(16, pow2(M)):
             continue
-        for bn in (64, 128):
+        for bn in (16, 32, 64, 128):
             for bk in (64, 128, 256):
                 if bk // vpw < 4:  # at least one 16-byte vector of words per row
                     continue
-                for split in (1, 2, 4, 8):
+                for split in (1, 2, 4, 8, 16):
                     tiles = math.ceil(N / bn) * math.ceil(M / bm)
-                    if split > 1 and (tiles >= 2 * sms or K / split < 2 * bk):
+                    if split > 1 and (tiles * split > 16 * sms or K / split < 2 * bk):
                         continue
-                    for warps in (4, 8):
-                        if warps == 8 and bn * bm < 64 * 64:
+                    for warps in (2, 4, 8):
+                        if (warps == 8 and bn * bm < 64 * 64) or (warps == 2 and bn * bm > 64 * 16):
                             continue
                         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=3))
     big = max(16, min(128, pow2(M)))
-    out.sort(key=lambda c: (abs(math.log2(math.ceil(N / c["BLOCK_N"]) * math.ceil(M / c["BLOCK_M"]) * c["SPLIT_K"] / (2 * sms))),
-                            c["BLOCK_M"] != big, -c["BLOCK_K"]))
+    per_sm = 8 if M <= 16 else 2  # programs per SM to aim for
+
+    def rank(c):
+        progs = math.ceil(N / c["BLOCK_N"]) * math.ceil(M / c["BLOCK_M"]) * c["SPLIT_K"]
+        return (round(abs(math.log2(progs / (per_sm * sms)))), c["BLOCK_M"] != big, c["num_warps"] != (2 if M <= 16 else 4),
+                -c["BLOCK_K"])
+    out.sort(key=rank)
     return out[:14]
 
 

@@ -6,7 +6,7 @@ configs, the GEMV kernel at M = 8..16 and PyTorch's int4 kernel (tinygemm) give 
 For every shape (Llama-8B), format (4:128, 2:128) and M: a wide grid of GEMM configs (BLOCK_N down
 to 16, split-K up to 16: more programs per SM) timed with triton's do_bench, the best three re-timed
 in kernels.bench_lowbit's harness (cold L2, CUDA events, median) next to cuBLAS fp16 and the shipped
-config. Then PyTorch's int4 kernel (torch._weight_int4pack_mm, bf16) beside our kernels in bf16.
+config. Then PyTorch's int4 kernel beside ours in bf16 (kernels/bench_peer.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import triton
 
 from kernels import bench_lowbit, lowbit, lowbit_tune
 from kernels.bench_lowbit import gpu_time_us, make_weight
+from kernels.bench_peer import peer_rows
 from kernels.lowbit_format import dequantize_groups, unpack
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -94,41 +95,6 @@ def grid_rows(args, sms):
     return rows
 
 
-def int4_peer(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, order: int):
-    """tinygemm operands for W_hat = (q - zero) * scale: its dequant is (q - 8) * s + z_f."""
-    hi, lo = (q[:, ::2], q[:, 1::2]) if order == 0 else (q[:, 1::2], q[:, ::2])
-    w = torch._convert_weight_to_int4pack((hi << 4 | lo).to(torch.uint8).contiguous(), 8)
-    sz = torch.stack([scale.float(), (8 - zero.float()) * scale.float()], dim=-1)
-    return w, sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-
-
-def peer_rows(args):
-    rows = []
-    for n, k in SHAPES:
-        w16, packed, scale, zero = make_weight(n, k, 4, 128)
-        q = unpack(packed, 4, k).to(torch.int32)
-        w_hat = dequantize_groups(q, scale, zero, 128)
-        wb = w16.to(torch.bfloat16)
-        peers = [int4_peer(q, scale, zero, 128, order) for order in (0, 1)]
-        for m in (1, 16, 64):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.float() @ w_hat.t()
-            errs = [rel_err(torch._weight_int4pack_mm(x, w, 128, sz), ref) for w, sz in peers]
-            w_i4, sz = peers[min(range(2), key=lambda i: errs[i])]
-            ours = lambda: lowbit.lowbit_linear(x, packed, scale, zero, 4, 128)
-            err_ours = rel_err(ours(), ref)
-            t_cublas = gpu_time_us(lambda: F.linear(x, wb), args.reps)
-            t_peer = gpu_time_us(lambda: torch._weight_int4pack_mm(x, w_i4, 128, sz), args.reps)
-            t_ours = gpu_time_us(ours, args.reps)
-            rows.append(dict(n=n, k=k, m=m, dtype="bf16", cublas_us=t_cublas, torch_int4_us=t_peer, ours_us=t_ours,
-                             torch_int4_ratio=t_cublas / t_peer, ours_ratio=t_cublas / t_ours,
-                             torch_int4_rel_err=min(errs), ours_rel_err=err_ours, kernel=lowbit.kernel_kind(m, 4)))
-            print(f"{n}x{k} W4 bf16 M={m}: cuBLAS {t_cublas:.1f} | torch int4 {t_peer:.1f} us "
-                  f"({t_cublas / t_peer:.2f}x, err {min(errs):.1e}) | ours {t_ours:.1f} us ({t_cublas / t_ours:.2f}x)",
-                  flush=True)
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -151,7 +117,7 @@ def main() -> None:
             errors = [e for e in pool.map(bench_lowbit._compile_job, list(jobs.values()), chunksize=1) if e]
         print(f"compiled {len(jobs)} configs in {time.time() - t0:.0f}s, {len(errors)} failed", flush=True)
         rows += grid_rows(args, sms)
-    peers = peer_rows(args)
+    peers = peer_rows(args, SHAPES)  # kernels/bench_peer.py (this probe had its own copy when it first ran)
     out = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                grid=rows, peer=peers)
     with open(args.out, "w") as f:

@@ -16,11 +16,11 @@ tuned on first use (kernels/lowbit_tune.py); candidate kernels are
 compiled first in parallel worker processes (into Triton's disk cache) so tuning only times them.
 --configs-out writes the tuned table for this GPU (to ship as kernels/lowbit_configs.json).
 
-Last run (H100 80GB HBM3, torch 2.11, triton 3.6; ratios vs cuBLAS fp16): M=1 GEMV 1.8-2.1x for W4
-and W2 (2.2-2.75x for the large shapes on another H100 of the same pool the run before), 1.6-1.8x
-W3; M >= 16 GEMM 0.2-0.9x (slower than cuBLAS); fused rank-64 correction +5-38% over the plain
-kernel (unfused +18-130%); dx at M=2048 0.2-0.35x. Timings vary ~20% between machines of the pool
-(the GEMV is issue-bound, so it follows the SM clock; cuBLAS follows DRAM).
+Last run (H200, torch 2.11, triton 3.6, g128, benchmarks/2026-11-30-h200-lowbit-small-m-dispatch.json;
+ratios vs cuBLAS fp16): W4 M=1 1.76-1.99x, M=16 0.62-0.79x, M=64 0.46-0.56x; W2 1.82-2.10x,
+0.75-0.85x, 0.58-0.70x; fused rank-64 correction +27-47% (M=1), +20-24% (M=16); PyTorch's int4 kernel
+1.80-1.87x, 0.57-0.75x, 0.16-0.21x. Timings vary ~5-20% between machines of the pool (the GEMV is
+issue-bound, so it follows the SM clock; cuBLAS follows DRAM).
 """
 
 from __future__ import annotations

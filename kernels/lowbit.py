@@ -136,7 +136,7 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
             up if has_lr else y, t, y, ws, cnt, M, N, K, R, ts, x2d.stride(0), y.stride(0), packed.stride(0), n_tprog,
             BITS=bits, GROUP=group, HAS_BIAS=bias is not None, HAS_LR=has_lr, BLOCK_M=bm, SPLIT_K=split,
             BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(x2d), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **blocks, **extra)
+            **blocks, **extra, **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
 
     launch(cfg or config_for(kind, M, N, K, bits, group, x2d.device, launch))
     return y

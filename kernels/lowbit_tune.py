@@ -6,7 +6,9 @@ kernels/lowbit_configs.json: the benchmark's shapes on an H100 80GB HBM3 and an 
 ($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a shape missing from both
 fills on first use by timing a short candidate list (CUDA events, L2 flushed). SLIMFORGE_LOWBIT_TUNE=0
 skips tuning (heuristic config); nothing is tuned during CUDA-graph capture. The fused low-rank
-variant and bf16 reuse the plain fp16 entry.
+variant and bf16 reuse the plain fp16 entry. A forward config may carry `maxnreg` (Triton's register
+cap); none shipped does: on the H200 it did not speed up the M=1 GEMV
+(benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ except ImportError:
     triton = None
 
 
+# Read once, as triton.jit reads it when the kernels are defined (setting it later cannot turn the
+# interpreter on); use_triton runs on every layer call, where an environment lookup costs ~1 us.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and (t.is_cuda or interpreting())
+    return t.is_cuda and triton is not None or _INTERPRET and triton is not None

@@ -117,29 +117,58 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
-        if self.packed_in_features != self.in_features:  # zero columns meet the padded weight
-            x = nn.functional.pad(x, (0, self.packed_in_features - self.in_features))
-        if x.dtype == torch.float32 and use_triton(x):
+        if not use_triton(x):
+            # CPU: no kernels, so the weight is dequantised once and kept. Outside training of the
+            # correction it is folded in too (W_hat + up @ down, padded columns dropped): one matmul,
+            # as in nn.Linear; per call, unpacking cost 3x the matmul and the correction 2 more.
+            down, bias = self._parameters.get("down"), self._buffers.get("bias")  # no __getattr__ per call
+            if down is not None and torch.is_grad_enabled() and (down.requires_grad or self.up.requires_grad):
+                return dense_lowbit_ref(self._pad(x), self._dense_weight(), down, self.up, bias)
+            w = self._dense_weight(folded=True)
+            if x.dtype == torch.float32:  # the usual CPU model: no casts (each costs ~1 us at decode sizes)
+                return nn.functional.linear(x, w, bias if bias is None or bias.dtype == torch.float32 else bias.float())
+            return nn.functional.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+        x = self._pad(x)
+        if x.dtype == torch.float32:
             # An fp32 model (the embedded one) on CUDA: the kernels compute in fp16 with fp32
             # accumulation, and the result goes back to fp32 for the rest of the model.
             bias = self.bias.half() if self.bias is not None else None
             return lowbit_linear(x.half(), self.packed, self.scale, self.zero, self.bits, self.group,
                                  self.out_features, self.down, self.up, bias).float()
-        if not use_triton(x):  # CPU: W_hat dequantised once and kept (per call it cost 3x the matmul)
-            return dense_lowbit_ref(x, self._dense_weight(), self.down, self.up, self.bias)
         return lowbit_linear(x, self.packed, self.scale, self.zero, self.bits, self.group, self.out_features,
                              self.down, self.up, self.bias)
 
-    def _dense_weight(self) -> torch.Tensor:
-        """fp32 W_hat (out, packed_in_features), rebuilt when packed/scale/zero change (moved, loaded,
-        edited in place). Not a buffer: the packed form stays the only one in state_dict and on disk;
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x with zero columns up to packed_in_features (they meet the padded weight columns)."""
+        if self.packed_in_features == self.in_features:
+            return x
+        return nn.functional.pad(x, (0, self.packed_in_features - self.in_features))
+
+    def _dense_weight(self, folded: bool = False) -> torch.Tensor:
+        """fp32 W_hat (out, packed_in_features), or with `folded` W_hat + up @ down cut to
+        (out, in_features); rebuilt when a tensor it came from changes (moved, loaded, edited in place,
+        an optimizer step). Not a buffer: the packed form stays the only one in state_dict and on disk;
         the copy costs 4 bytes per weight of RAM on the non-GPU path only."""
-        key = tuple((t.data_ptr(), t._version, t.device) for t in (self.packed, self.scale, self.zero))
-        if getattr(self, "_dense_key", None) != key:
-            self._dense = dequantize_groups(unpack(self.packed, self.bits, self.packed_in_features), self.scale,
-                                            self.zero, self.group)
-            self._dense_key = key
+        b, p = self._buffers, self._parameters  # not nn.Module.__getattr__: this runs every call
+        packed, scale, zero, down, up = b["packed"], b["scale"], b["zero"], p.get("down"), p.get("up")
+        key = (folded, packed.data_ptr(), packed._version, scale.data_ptr(), scale._version, zero.data_ptr(),
+               zero._version, (down.data_ptr(), down._version, up.data_ptr(), up._version) if folded and down is not None else None)
+        if self.__dict__.get("_dense_key") != key:
+            w = dequantize_groups(unpack(self.packed, self.bits, self.packed_in_features), self.scale, self.zero,
+                                  self.group)
+            if folded:
+                if self.down is not None:
+                    w = w + self.up.detach().float() @ self.down.detach().float()
+                w = w[:, : self.in_features].contiguous()
+            self._dense, self._dense_key = w, key
         return self._dense
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts drop the CPU copy of the weight (the next CPU call rebuilds it), so a layer
+        sent to the GPU does not keep it alive."""
+        self.__dict__.pop("_dense", None)
+        self.__dict__.pop("_dense_key", None)
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         pad = f" (packed {self.packed_in_features})" if self.packed_in_features != self.in_features else ""

@@ -127,6 +127,28 @@ def test_cpu_path_keeps_w_hat_bit_identical_and_rebuilds_it_when_the_weights_cha
     assert "_dense" not in str(list(layer.state_dict()))  # the packed form stays the only one saved
 
 
+def test_cpu_inference_folds_the_correction_into_one_weight_and_refolds_after_edits():
+    torch.manual_seed(1)
+    layer = QuantLinear.from_linear(nn.Linear(40, 24), bits=4, group=32, rank=3)  # padded width 64
+    with torch.no_grad():
+        layer.up.normal_()
+        x = torch.randn(5, 40)
+        ref = lambda: lowbit_matmul_ref(nn.functional.pad(x, (0, 24)), layer.packed, layer.scale, layer.zero, 4, 32,  # noqa: E731
+                                        layer.down, layer.up, layer.bias)
+        assert torch.allclose(layer(x), ref(), atol=1e-5)
+        assert layer._dense.shape == (24, 40)  # W_hat + up @ down, padded columns dropped: one matmul
+        kept = layer._dense
+        layer(x)
+        assert layer._dense is kept
+        layer.up.mul_(-1)  # an in-place edit of a factor (an optimizer step): the folded weight is stale
+        assert torch.allclose(layer(x), ref(), atol=1e-5) and layer._dense is not kept
+        assert layer.to(torch.float64).__dict__.get("_dense") is None  # a move or cast drops the CPU copy
+    layer.float()
+    out = layer(x)  # grad enabled, trainable factors: the unfolded path, so down and up get gradients
+    out.sum().backward()
+    assert layer._dense.shape == (24, 64) and layer.down.grad is not None and layer.up.grad is not None
+
+
 def test_quantlinear_pads_a_width_the_group_does_not_divide():
     torch.manual_seed(3)
     linear = nn.Linear(40, 9)  # a pruned width: 40 = 32 + 8

@@ -24,4 +24,4 @@ def interpreting() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and triton is not None or _INTERPRET and triton is not None
+    return triton is not None and (t.is_cuda or _INTERPRET)

@@ -151,8 +151,9 @@ class QuantLinear(nn.Module):
         the copy costs 4 bytes per weight of RAM on the non-GPU path only."""
         b, p = self._buffers, self._parameters  # not nn.Module.__getattr__: this runs every call
         packed, scale, zero, down, up = b["packed"], b["scale"], b["zero"], p.get("down"), p.get("up")
+        factors = (down.data_ptr(), down._version, up.data_ptr(), up._version) if folded and down is not None else None
         key = (folded, packed.data_ptr(), packed._version, scale.data_ptr(), scale._version, zero.data_ptr(),
-               zero._version, (down.data_ptr(), down._version, up.data_ptr(), up._version) if folded and down is not None else None)
+               zero._version, factors)
         if self.__dict__.get("_dense_key") != key:
             w = dequantize_groups(unpack(self.packed, self.bits, self.packed_in_features), self.scale, self.zero,
                                   self.group)

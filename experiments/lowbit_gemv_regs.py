@@ -19,8 +19,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels import lowbit, lowbit_tune
-from kernels.bench_lowbit import _compile_job, _short, gpu_time_us, make_weight
-from kernels.lowbit_format import dequantize_groups, unpack
+from kernels.bench_lowbit import _compile_job, _short, gpu_time_us, make_problem
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 REGS = (0, 128, 96, 80, 64)  # 0: no cap
@@ -40,17 +39,14 @@ def main() -> None:
             for base in lowbit_tune.CANDIDATES["gemv"](1, n, k, bits, sms):
                 for regs in REGS:
                     cfg = dict(base, maxnreg=regs)
-                    jobs[(bits, tuple(sorted(cfg.items())))] = (n, k, bits, 128, 1, "gemv", cfg)
+                    jobs[(bits, tuple(sorted(cfg.items())))] = (n, k, bits, 128, 1, "gemv", cfg, 0)
     with mp.get_context("spawn").Pool(14) as pool:
         errors = [e for e in pool.map(_compile_job, list(jobs.values()), chunksize=1) if e]
     print(f"compiled {len(jobs)} configs, {len(errors)} failed", flush=True)
     rows = []
     for n, k in SHAPES:
         for bits in (4, 2):
-            w16, packed, scale, zero = make_weight(n, k, bits, 128)
-            w_hat = dequantize_groups(unpack(packed, bits, k), scale, zero, 128)
-            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-            ref = x.float() @ w_hat.t()
+            w16, packed, scale, zero, x, ref = make_problem(n, k, bits, 128, 1)
             shipped = lowbit_tune.tables().get(gpu, {}).get(lowbit_tune.config_key("gemv", 1, n, k, bits, 128))
             cands = lowbit_tune.CANDIDATES["gemv"](1, n, k, bits, sms) + ([shipped] if shipped else [])
             timed = []
@@ -77,7 +73,7 @@ def main() -> None:
             print(f"{n}x{k} W{bits}: cuBLAS {t_cublas:.1f} us | "
                   + " | ".join(f"{b['us']:.1f} us {b['ratio']:.2f}x {_short(b['cfg'])}" for b in best)
                   + " | do_bench best by maxnreg " + ", ".join(f"{r}: {t:.1f}" for r, t in by_regs.items()), flush=True)
-            del w16, packed, scale, zero, w_hat
+            del w16, packed, scale, zero
             torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, rows=rows), f, indent=1)

@@ -111,7 +111,7 @@ def main() -> None:
         for bits in (4, 2):
             for m in args.m:
                 for cfg in wide_grid(m, 4096, 4096, bits, sms):
-                    jobs[(bits, tuple(sorted(cfg.items())))] = (4096, 4096, bits, 128, m, "gemm", cfg)
+                    jobs[(bits, tuple(sorted(cfg.items())))] = (4096, 4096, bits, 128, m, "gemm", cfg, 0)
         t0 = time.time()
         with mp.get_context("spawn").Pool(args.workers) as pool:
             errors = [e for e in pool.map(bench_lowbit._compile_job, list(jobs.values()), chunksize=1) if e]

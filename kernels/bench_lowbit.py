@@ -4,8 +4,8 @@
         [--shapes 4096x4096 14336x4096 4096x14336] [--m 1 16 64 256] [--formats 4:128 3:128 2:128 2:64]
 
 Every timed call starts with a cold L2: a 256 MB buffer (the H100's L2 is 50 MB, an fp16 4096x4096
-weight 32 MB) is zeroed before it, then the GPU spins for ~100 us (torch.cuda._sleep) so the
-Python launch overhead of the next call is hidden; CUDA events bracket the call alone; median of
+weight 32 MB) is zeroed before it, then the GPU spins for ~0.5 ms (torch.cuda._sleep) so the
+Python launch overhead of the next call is hidden (kernels.lowbit_tune.gpu_time_us, which the tuner uses too); CUDA events bracket the call alone; median of
 --reps. No CUDA graphs. Ratios are cuBLAS time / low-bit time (> 1: the low-bit kernel is faster).
 
 Sections: (1) forward y = x @ W^T per shape, format (bits:group) and M; (2) the fused rank-r
@@ -16,11 +16,11 @@ tuned on first use (kernels/lowbit_tune.py); candidate kernels are
 compiled first in parallel worker processes (into Triton's disk cache) so tuning only times them.
 --configs-out writes the tuned table for this GPU (to ship as kernels/lowbit_configs.json).
 
-Last run (H200, torch 2.11, triton 3.6, g128, benchmarks/2026-11-30-h200-lowbit-small-m-dispatch.json;
-ratios vs cuBLAS fp16): W4 M=1 1.76-1.99x, M=16 0.62-0.79x, M=64 0.46-0.56x; W2 1.82-2.10x,
-0.75-0.85x, 0.58-0.70x; fused rank-64 correction +27-47% (M=1), +20-24% (M=16); PyTorch's int4 kernel
-1.80-1.87x, 0.57-0.75x, 0.16-0.21x. Timings vary ~5-20% between machines of the pool (the GEMV is
-issue-bound, so it follows the SM clock; cuBLAS follows DRAM).
+Last run (H200, torch 2.11, triton 3.6, g128, benchmarks/2026-11-30-h200-lowbit-prefetch-dispatch.json;
+ratios vs cuBLAS fp16): W4 M=1 1.85-2.15x, M=16 0.61-0.78x; W2 1.82-2.15x, 0.74-0.77x; fused rank-64
+correction +21-33% (M=1), +8-21% (M=16); PyTorch's int4 kernel at M=1 1.76-1.82x (ours 1.76-2.14x in
+bf16). A kernel that only streams the packed bytes reaches 2.28-2.99x (W4) in this harness
+(benchmarks/2026-11-30-h200-lowbit-gemv-grid.json). Timings vary ~5-20% between machines of the pool.
 """
 
 from __future__ import annotations
@@ -35,30 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import lowbit, lowbit_tune
+from kernels.lowbit_tune import gpu_time_us  # noqa: F401  (the harness; bench_peer and experiments import it here)
 from kernels.lowbit_dequant import dequantize
 from kernels.lowbit_format import dequantize_groups, pack, quantize_groups, storage_bits_per_weight, unpack
-
-_FLUSH: torch.Tensor | None = None
-
-
-def gpu_time_us(fn, reps: int) -> float:
-    """Median microseconds of fn() with a cold L2 and the launch overhead hidden (see docstring)."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        _FLUSH.zero_()
-        torch.cuda._sleep(200_000)
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1000 for s, e in events)
-    return times[len(times) // 2]
-
 
 def _short(cfg: dict) -> str:
     return "/".join(str(v) for k, v in cfg.items() if k != "num_stages")
@@ -71,6 +50,14 @@ def make_weight(n: int, k: int, bits: int, group: int, seed: int = 0):
     return w.half(), pack(q, bits), scale, zero
 
 
+def make_problem(n: int, k: int, bits: int, group: int, m: int):
+    """make_weight's tensors, an fp16 x (m, k) and the fp32 reference x @ W_hat^T."""
+    w16, packed, scale, zero = make_weight(n, k, bits, group)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    ref = x.float() @ dequantize_groups(unpack(packed, bits, k), scale, zero, group).t()
+    return w16, packed, scale, zero, x, ref
+
+
 # --------------------------------------------------------------------------------------------
 # parallel precompilation of tuning candidates
 
@@ -78,7 +65,7 @@ _WORKER_CACHE: dict = {}
 
 
 def _compile_job(job) -> str:
-    n, k, bits, group, m, kind, cfg = job
+    n, k, bits, group, m, kind, cfg, rank = job
     try:
         key = (n, k, bits, group, m)
         if key not in _WORKER_CACHE:
@@ -92,7 +79,9 @@ def _compile_job(job) -> str:
         if kind == "dx":
             lowbit._input_grad(a, packed, scale, zero, bits, group, k, None, None, cfg=cfg)
         else:
-            lowbit._forward(a, packed, scale, zero, bits, group, None, None, None, cfg=cfg, kind=kind)
+            lr = [torch.zeros(rank, k, dtype=torch.float16, device="cuda"),
+                  torch.zeros(n, rank, dtype=torch.float16, device="cuda")] if rank else [None, None]
+            lowbit._forward(a, packed, scale, zero, bits, group, *lr, None, cfg=cfg, kind=kind)
         torch.cuda.synchronize()
         return ""
     except Exception as exc:  # noqa: BLE001 -- reported, the tuner skips it too
@@ -100,15 +89,18 @@ def _compile_job(job) -> str:
 
 
 def precompile(points, workers: int) -> None:
-    """points: (n, k, bits, group, m, kind); compiles every tuning candidate not yet tuned."""
+    """points: (n, k, bits, group, m, kind, rank); compiles every tuning candidate not yet tuned
+    (rank > 0: the fused low-rank variant, tuned apart)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gpu = torch.cuda.get_device_name()
     jobs = {}  # one per compiled binary: sizes here are all multiples of 16, so only M == 1 specialises
-    for n, k, bits, group, m, kind in points:
-        if lowbit_tune.config_key(kind, m, n, k, bits, group) in lowbit_tune.tables().get(gpu, {}):
+    for n, k, bits, group, m, kind, rank in points:
+        key = lowbit_tune.config_key(kind, m, n, k, bits, group) + ("|lr" if rank else "")
+        if key in lowbit_tune.tables().get(gpu, {}):
             continue
         for cfg in lowbit_tune.CANDIDATES[kind](m, n, k, bits, sms):
-            jobs.setdefault((kind, bits, group, m == 1, tuple(sorted(cfg.items()))), (n, k, bits, group, m, kind, cfg))
+            jobs.setdefault((kind, bits, group, m == 1, rank > 0, tuple(sorted(cfg.items()))),
+                            (n, k, bits, group, m, kind, cfg, rank))
     jobs = list(jobs.values())
     if not jobs:
         return
@@ -134,7 +126,7 @@ def forward_rows(args, formats) -> list[dict]:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 n_log = len(lowbit_tune.TUNE_LOG)
                 y = lowbit.lowbit_linear(x, packed, scale, zero, bits, group)  # tunes on first use
-                tuning = [[(round(t * 1000, 1), c) for t, c in log] for log in lowbit_tune.TUNE_LOG[n_log:]]
+                tuning = [[(round(t, 1), c) for t, c in log] for log in lowbit_tune.TUNE_LOG[n_log:]]
                 ref = x.float() @ w_hat.t()
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)
@@ -151,6 +143,11 @@ def forward_rows(args, formats) -> list[dict]:
             del w16, packed, scale, zero, w_hat
             torch.cuda.empty_cache()
     return rows
+
+
+def lowrank_formats(formats):
+    """The first two formats that are not 3-bit (default: 4:128, 2:128)."""
+    return [f for f in formats if f[0] != 3][:2]
 
 
 def lowrank_rows(args, formats) -> list[dict]:
@@ -255,12 +252,15 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}, triton {lowbit.triton.__version__}", flush=True)
 
-    points = [(n, k, b, g, m, lowbit.kernel_kind(m, b)) for n, k in args.shapes for b, g in formats for m in args.m]
-    points = [p for p in points if p[-1] != "dequant"]  # cuBLAS + one fixed dequantise kernel: nothing to tune
+    points = [(n, k, b, g, m, lowbit.kernel_kind(m, b), 0) for n, k in args.shapes for b, g in formats for m in args.m]
+    if "lowrank" not in args.skip:
+        points += [(n, k, b, g, m, lowbit.kernel_kind(m, b), args.rank) for n, k in args.shapes
+                   for b, g in lowrank_formats(formats) for m in args.lr_m]
+    points = [p for p in points if p[5] != "dequant"]  # cuBLAS + one fixed dequantise kernel: nothing to tune
     if "threshold" not in args.skip:
-        points += [(*args.shapes[0], b, 128, m, kind) for b in (4, 2) for m in (2, 4) for kind in ("gemv", "gemm")]
+        points += [(*args.shapes[0], b, 128, m, kind, 0) for b in (4, 2) for m in (2, 4) for kind in ("gemv", "gemm")]
     if "dx" not in args.skip:
-        points += [(n, k, b, g, args.dx_m, "dx") for n, k in args.shapes for b, g in dx_formats(formats)
+        points += [(n, k, b, g, args.dx_m, "dx", 0) for n, k in args.shapes for b, g in dx_formats(formats)
                    if lowbit.kernel_kind(args.dx_m, b) != "dequant"]
     precompile(points, args.workers)
     if args.precompile_only:
@@ -268,7 +268,7 @@ def main() -> None:
 
     rows = forward_rows(args, formats)
     if "lowrank" not in args.skip:
-        rows += lowrank_rows(args, formats[:1] + formats[-2:-1])
+        rows += lowrank_rows(args, lowrank_formats(formats))
     if "threshold" not in args.skip:
         rows += threshold_rows(args)
     if "dx" not in args.skip:

@@ -187,7 +187,8 @@ if triton is not None:
     def _gemv_kernel(X, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, T_WARPS: tl.constexpr):
+                     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, T_WARPS: tl.constexpr,
+                     PREFETCH: tl.constexpr):
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
@@ -205,13 +206,18 @@ if triton is not None:
             kw_end = tl.minimum(pid_k * span + span, KW)
             C: tl.constexpr = BLOCK_KW // LO  # units of 32 weights (one scale, zero each) per row
             acc = tl.zeros((BLOCK_N, C), tl.float32)
-            # software pipelining by hand: the next tile's loads are issued before this tile's math
-            wn, hn, sn, zn = _gemv_tile(P, P16, S, Z, n, pid_k * span, N, K, stride_p, BITS, GROUP, BLOCK_KW)
+            # PREFETCH: software pipelining by hand, the next tile's loads are issued before this tile's
+            # math (off: half the registers for the words, for programs of one or two tiles)
+            if PREFETCH:
+                wn, hn, sn, zn = _gemv_tile(P, P16, S, Z, n, pid_k * span, N, K, stride_p, BITS, GROUP, BLOCK_KW)
             for kw0 in range(pid_k * span, kw_end, BLOCK_KW):
-                w, h, s, z = wn, hn, sn, zn
-                # past the end the masks are all false: no memory traffic (K is a multiple of LO units)
-                wn, hn, sn, zn = _gemv_tile(P, P16, S, Z, n, kw0 + BLOCK_KW, tl.where(kw0 + BLOCK_KW < kw_end, N, 0),
-                                            K, stride_p, BITS, GROUP, BLOCK_KW)
+                if PREFETCH:
+                    w, h, s, z = wn, hn, sn, zn
+                    # past the end the masks are all false: no memory traffic (K is a multiple of LO units)
+                    wn, hn, sn, zn = _gemv_tile(P, P16, S, Z, n, kw0 + BLOCK_KW, tl.where(kw0 + BLOCK_KW < kw_end, N, 0),
+                                                K, stride_p, BITS, GROUP, BLOCK_KW)
+                else:
+                    w, h, s, z = _gemv_tile(P, P16, S, Z, n, kw0, N, K, stride_p, BITS, GROUP, BLOCK_KW)
                 kw = kw0 + tl.arange(0, BLOCK_KW)
                 xo = tl.max_contiguous(tl.multiple_of(kw // LO * 32 + kw % LO, LO), LO)  # + LO*i: see the layout
                 xmask = (kw // LO < KW // LO)[None, :]

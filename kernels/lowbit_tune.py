@@ -2,13 +2,14 @@
 the per-GPU tables, and the tuner that fills them.
 
 Configs: a JSON table keyed by GPU name then by "kind|bits,group,N,K,M-bucket" (shipped in
-kernels/lowbit_configs.json: the benchmark's shapes on an H100 80GB HBM3 and an H200, triton 3.6) and a per-user cache
-($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a shape missing from both
-fills on first use by timing a short candidate list (CUDA events, L2 flushed). SLIMFORGE_LOWBIT_TUNE=0
-skips tuning (heuristic config); nothing is tuned during CUDA-graph capture. The fused low-rank
-variant and bf16 reuse the plain fp16 entry. A forward config may carry `maxnreg` (Triton's register
-cap); none shipped does: on the H200 it did not speed up the M=1 GEMV
-(benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
+kernels/lowbit_configs.json: the benchmark's shapes on an H100 80GB HBM3 and an H200, triton 3.6; on
+the H200 also the Llama-8B k/v shape 1024x4096 that the decode benchmark tuned) and a per-user
+cache ($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a shape missing from
+both fills on first use by timing a short candidate list (gpu_time_us: cold L2, launch cost
+hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tuned during CUDA-graph
+capture. The fused low-rank variant has entries of its own (key suffix |lr); bf16 reuses the fp16
+entry. A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
+it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
 """
 
 from __future__ import annotations
@@ -19,12 +20,6 @@ import os
 from pathlib import Path
 
 import torch
-
-try:
-    import triton
-except ImportError:  # the reference path never asks for a config
-    triton = None
-
 
 def pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
@@ -65,7 +60,10 @@ def _sm_count(device: torch.device) -> int:
 def _gemv_candidates(M, N, K, bits, sms):
     """All threads of a program lie along K (BLOCK_KW = 32 * LO * warps: one unit of LO words
     per thread and row): a narrower tile puts warps along N and costs a shared-memory layout
-    conversion per tile. Fewer warps = more iterations per program (the prefetch overlaps them)."""
+    conversion per tile. Fewer warps = more iterations per program. Each launch shape comes with
+    and without the hand prefetch (PREFETCH): without, the program holds half the words and more
+    warps fit on an SM; on an H200 that won at M=1 on 14336x4096 W4 by 24%
+    (benchmarks/2026-11-30-h200-lowbit-gemv-grid.json)."""
     lo = 2 if bits == 3 else bits
     kw = K * lo // 32
     out = []
@@ -74,8 +72,6 @@ def _gemv_candidates(M, N, K, bits, sms):
         if bkw > max(32 * lo, kw):
             continue
         for bn in (4, 8, 16):
-            if bn * 32 > 256:  # weights per thread per tile: ptxas spills above
-                continue
             for split in (1, 2, 4, 8):
                 iters = kw / split / bkw
                 progs = M * math.ceil(N / bn) * split
@@ -87,7 +83,8 @@ def _gemv_candidates(M, N, K, bits, sms):
         iters = kw / c["SPLIT_K"] / c["BLOCK_KW"]
         return abs(math.log2(progs * c["num_warps"] / (16 * sms))) + (iters < 2) + 0.25 * math.log2(c["SPLIT_K"])
     out.sort(key=rank)
-    return out[:12] or [dict(BLOCK_N=4, BLOCK_KW=32 * lo, SPLIT_K=1, num_warps=1, num_stages=1)]
+    out = [dict(c, PREFETCH=p) for c in out[:12] for p in (True, False)]
+    return out or [dict(BLOCK_N=4, BLOCK_KW=32 * lo, SPLIT_K=1, num_warps=1, num_stages=1, PREFETCH=True)]
 
 
 def _gemm_candidates(M, N, K, bits, sms):
@@ -150,25 +147,35 @@ def config_key(kind: str, M: int, N: int, K: int, bits: int, group: int) -> str:
     return f"{kind}|b{bits}g{group}n{N}k{K}m{_mbucket(kind, M)}"
 
 
-def config_for(kind: str, M: int, N: int, K: int, bits: int, group: int, device: torch.device, launch) -> dict:
-    """The config for this launch: override > table > tune (CUDA) > heuristic. `launch(cfg)` runs it."""
+def config_for(kind: str, M: int, N: int, K: int, bits: int, group: int, device: torch.device, launch,
+               variant: str = "") -> dict:
+    """The config for this launch: override > table > tune (CUDA) > heuristic. `launch(cfg)` runs it.
+
+    variant "|lr" (the fused low-rank kernel) has entries of its own: its t-programs take their
+    shape from num_warps, so its best config is not the plain kernel's (on an H200 the plain W2
+    GEMV's 1-warp pick cost the 8B W2 + rank-64 model 8% of its decode speed). Where it cannot be
+    tuned (CUDA-graph capture, SLIMFORGE_LOWBIT_TUNE=0) it falls back to the plain entry."""
     if kind in OVERRIDE:
         return OVERRIDE[kind]
     if device.type != "cuda":
         return _INTERPRETER_CONFIGS[kind]
     gpu, key = torch.cuda.get_device_name(device), config_key(kind, M, N, K, bits, group)
-    hit = tables().get(gpu, {}).get(key)
+    table = tables().get(gpu, {})
+    hit = table.get(key + variant)
     if hit is not None:
         return hit
     candidates = CANDIDATES[kind](M, N, K, bits, _sm_count(device))
+    tune_off = os.environ.get("SLIMFORGE_LOWBIT_TUNE", "1") == "0"
+    if variant and key in table and (tune_off or torch.cuda.is_current_stream_capturing()):
+        return table[key]
     if torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    if os.environ.get("SLIMFORGE_LOWBIT_TUNE", "1") == "0":
+    if tune_off:
         best = first_that_runs(candidates, launch)
-        tables().setdefault(gpu, {})[key] = best  # this process only: an untimed pick is not a tuning
+        tables().setdefault(gpu, {})[key + variant] = best  # this process only: an untimed pick is not a tuning
         return best
     best = tune(candidates, launch)
-    _remember(gpu, key, best)
+    _remember(gpu, key + variant, best)
     return best
 
 
@@ -184,18 +191,50 @@ def first_that_runs(candidates: list[dict], launch) -> dict:
     raise RuntimeError("no low-bit kernel config ran on this device")
 
 
-TUNE_LOG: list[list[tuple[float, dict]]] = []  # every tuning's (ms, config) list, fastest first
+TUNE_LOG: list[list[tuple[float, dict]]] = []  # every tuning's (us, config) list, fastest first
 
 
-def tune(candidates: list[dict], launch) -> dict:
-    """Fastest candidate by median CUDA-event time (triton's do_bench flushes L2 before each run)."""
-    timed = []
-    for cfg in candidates:
+_FLUSH: torch.Tensor | None = None
+
+
+def gpu_time_us(fn, reps: int, flush: torch.Tensor | None = None) -> float:
+    """Median microseconds of fn() on a cold L2 with its host launch cost hidden: before each call a
+    256 MB buffer is zeroed (the H100's L2 is 50 MB) and the GPU spins ~0.5 ms (torch.cuda._sleep)
+    while the host launches, so the CUDA events bracket the GPU work alone. (A ~100 us spin was
+    too short for a busy host: rows timed while the benchmark's compile workers were exiting, and
+    the unfused correction's four launches, read 2-10x slow.) triton's do_bench times back-to-back
+    launches: for ~10 us kernels that is the launcher's host time, and it ranked the M=1 GEMV
+    configs wrongly (benchmarks/2026-11-30-h200-lowbit-gemv-grid.json)."""
+    global _FLUSH
+    if flush is None:
+        if _FLUSH is None:
+            _FLUSH = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+        flush = _FLUSH
+    fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        torch.cuda._sleep(1_000_000)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1000 for s, e in events)
+    return times[len(times) // 2]
+
+
+def tune(candidates: list[dict], launch, reps: int = 15) -> dict:
+    """Fastest candidate by median time in gpu_time_us (cold L2, launch cost hidden)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # freed with the tuning
+    runs = []
+    for cfg in candidates:  # compile first: compiling leaves the GPU idle
         try:
             launch(cfg)
-            timed.append((triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median"), cfg))
+            runs.append(cfg)
         except Exception:  # noqa: BLE001 -- a config that does not compile/fit is skipped
             continue
+    timed = [(gpu_time_us(lambda: launch(cfg), reps, flush), cfg) for cfg in runs]
     if not timed:
         raise RuntimeError("no low-bit kernel config ran on this device")
     TUNE_LOG.append(sorted(timed, key=lambda tc: tc[0]))

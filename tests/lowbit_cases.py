@@ -91,6 +91,9 @@ def plan(device: str) -> list[dict]:
             "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1)}))
         out.append(dict(bits=2, group=64, M=1, N=37, K=256, dtype=torch.bfloat16, rank=0, bias=True, override={
             "gemv": dict(BLOCK_N=16, BLOCK_KW=16, SPLIT_K=1, num_warps=4, num_stages=1)}))
+        for bits in (4, 3):  # the GEMV without its hand prefetch, several tiles per program
+            out.append(dict(bits=bits, group=32, M=2, N=37, K=256, dtype=torch.float16, rank=8, bias=True, override={
+                "gemv": dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=2, num_warps=4, num_stages=1, PREFETCH=False)}))
         return out
     for bits, group in ((4, 128), (3, 64), (2, 32)):
         for M in (1, 3, 17, 70):
@@ -103,6 +106,7 @@ def plan(device: str) -> list[dict]:
             out.append(dict(bits=bits, group=group, M=300, N=1037, K=2048, dtype=dtype, rank=16 if bits == 4 else 0,
                             bias=dtype == torch.float16, seed=bits))
     for override, M in [({"gemv": dict(BLOCK_N=16, BLOCK_KW=256, SPLIT_K=4, num_warps=4, num_stages=1)}, 1),
+                        ({"gemv": dict(BLOCK_N=8, BLOCK_KW=128, SPLIT_K=2, num_warps=1, num_stages=1, PREFETCH=False)}, 1),
                         ({"gemv": dict(BLOCK_N=4, BLOCK_KW=128, SPLIT_K=2, num_warps=4, num_stages=1)}, 3),
                         ({"gemm": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=8, num_stages=3)}, 70),
                         ({"gemm": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)}, 17)]:

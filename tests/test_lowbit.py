@@ -29,6 +29,32 @@ def test_triton_matches_reference_on_gpu(monkeypatch):
     assert cases("cuda") == []
 
 
+def test_fused_low_rank_configs_are_tuned_apart_and_fall_back_to_the_plain_entry(monkeypatch):
+    from kernels import lowbit_tune
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(lowbit_tune, "_sm_count", lambda device: 132)
+    plain, fused = dict(BLOCK_N=4, BLOCK_KW=128, SPLIT_K=1, num_warps=1), dict(BLOCK_N=8, BLOCK_KW=256, SPLIT_K=1, num_warps=2)
+    key = lowbit_tune.config_key("gemv", 1, 4096, 4096, 4, 128)
+    table = {key: plain, key + "|lr": fused}
+    monkeypatch.setattr(lowbit_tune, "_TABLES", {"Test GPU": table})
+    cuda = torch.device("cuda")  # only its type is read here
+    pick = lambda variant: lowbit_tune.config_for("gemv", 1, 4096, 4096, 4, 128, cuda, None, variant)  # noqa: E731
+    assert pick("|lr") == fused and pick("") == plain
+    del table[key + "|lr"]
+    monkeypatch.setenv("SLIMFORGE_LOWBIT_TUNE", "0")
+    assert pick("|lr") == plain  # cannot tune: the plain kernel's entry
+    monkeypatch.setenv("SLIMFORGE_LOWBIT_TUNE", "1")
+    tuned = []
+    monkeypatch.setattr(lowbit_tune, "tune", lambda candidates, launch: tuned.append(candidates) or candidates[1])
+    monkeypatch.setattr(lowbit_tune, "_remember", lambda gpu, k, cfg: table.__setitem__(k, cfg))
+    got = pick("|lr")
+    assert got == tuned[0][1] and table[key + "|lr"] == got and table[key] == plain
+    # every GEMV launch shape is tried with and without the hand prefetch
+    assert {c["PREFETCH"] for c in tuned[0]} == {True, False} and len(tuned[0]) == 24
+
+
 def test_dispatch_follows_the_measured_crossovers():
     from kernels.lowbit import GEMV_MAX_M, kernel_kind
     assert kernel_kind(1, 4) == kernel_kind(GEMV_MAX_M, 2) == "gemv"
@@ -142,6 +168,8 @@ def test_cpu_inference_folds_the_correction_into_one_weight_and_refolds_after_ed
         assert layer._dense is kept
         layer.up.mul_(-1)  # an in-place edit of a factor (an optimizer step): the folded weight is stale
         assert torch.allclose(layer(x), ref(), atol=1e-5) and layer._dense is not kept
+        layer.up = nn.Parameter(torch.randn(24, 3))  # a replaced factor: a new tensor at version 0
+        assert torch.allclose(layer(x), ref(), atol=1e-5)
         assert layer.to(torch.float64).__dict__.get("_dense") is None  # a move or cast drops the CPU copy
     layer.float()
     out = layer(x)  # grad enabled, trainable factors: the unfolded path, so down and up get gradients

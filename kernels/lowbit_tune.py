@@ -200,9 +200,9 @@ _FLUSH: torch.Tensor | None = None
 def gpu_time_us(fn, reps: int, flush: torch.Tensor | None = None) -> float:
     """Median microseconds of fn() on a cold L2 with its host launch cost hidden: before each call a
     256 MB buffer is zeroed (the H100's L2 is 50 MB) and the GPU spins ~0.5 ms (torch.cuda._sleep)
-    while the host launches, so the CUDA events bracket the GPU work alone. (A ~100 us spin was
-    too short for a busy host: rows timed while the benchmark's compile workers were exiting, and
-    the unfused correction's four launches, read 2-10x slow.) triton's do_bench times back-to-back
+    while the host launches, so the CUDA events bracket the GPU work alone. (With a ~100 us spin
+    the unfused correction's four launches, and the first rows of runs on a fresh or busy machine,
+    read 2-10x slow: the host had not finished launching when the spin ended.) triton's do_bench times back-to-back
     launches: for ~10 us kernels that is the launcher's host time, and it ranked the M=1 GEMV
     configs wrongly (benchmarks/2026-11-30-h200-lowbit-gemv-grid.json)."""
     global _FLUSH

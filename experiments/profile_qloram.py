@@ -20,15 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from slimforge.adapters import add_lora
 from slimforge.config import PROJECTIONS
-from stages.lora.bench_memory import build, chunked_lm_loss, llama32_1b_shape
-
-
-def step(model, opt, ids):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = chunked_lm_loss(model.base_model.model, ids)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+from stages.lora.bench_memory import build, llama32_1b_shape, train_step
 
 
 if __name__ == "__main__":
@@ -42,13 +34,13 @@ if __name__ == "__main__":
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(0, config.vocab_size, (8, 512), device="cuda")
         for _ in range(3):
-            step(model, opt, ids)
+            train_step(model, opt, ids)
         torch.cuda.synchronize()
         before = torch.cuda.memory_stats()
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()
-            step(model, opt, ids)
+            train_step(model, opt, ids)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         after = torch.cuda.memory_stats()
@@ -57,12 +49,12 @@ if __name__ == "__main__":
                                                                    "num_sync_all_streams")), flush=True)
         pr = cProfile.Profile()
         pr.enable()
-        step(model, opt, ids)
+        train_step(model, opt, ids)
         torch.cuda.synchronize()
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(14)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step(model, opt, ids)
+            train_step(model, opt, ids)
             torch.cuda.synchronize()
         events = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events)

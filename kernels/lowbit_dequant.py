@@ -2,7 +2,8 @@
 weight to x's dtype with one Triton kernel, then hand the product to cuBLAS, the way QLoRA-style
 trainers do. The packed weight stays the only copy at rest; the dequantised one is transient (one
 layer's N x K in x's dtype, taken from and returned to the caching allocator) and is rebuilt in the
-backward pass rather than saved for it.
+backward pass rather than saved for it -- except under activation checkpointing, where the
+recompute's copy is handed to the backward that follows it (one checkpointed segment's weights).
 
     from kernels.lowbit_dequant import dequantize, dequant_linear
     w = dequantize(packed, scale, zero, bits=4, group=128, in_features=4096, dtype=torch.float16)
@@ -64,21 +65,35 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     return out
 
 
+# W_hat dequantised by an activation-checkpointing recompute, by packed weight, for the backward of
+# the same layer that follows it: the recompute runs inside the backward pass, so without this each
+# checkpointed layer dequantised twice there (recompute, then dx). Entries live from a segment's
+# recompute to its layers' backward (one decoder layer's weights at a time) and are popped on use.
+_RECOMPUTED: dict[int, torch.Tensor] = {}
+
+
 class _DequantMatmul(torch.autograd.Function):
-    """x @ W_hat^T with dx = dy @ W_hat; W_hat is dequantised again in backward, never saved."""
+    """x @ W_hat^T with dx = dy @ W_hat; W_hat is dequantised again in backward, never saved in
+    the graph (a checkpoint recompute's copy is handed over through _RECOMPUTED)."""
 
     @staticmethod
     def forward(ctx, x2d, packed, scale, zero, bits, group):
         ctx.save_for_backward(packed, scale, zero)
         ctx.bits, ctx.group = bits, group
-        return x2d @ dequantize(packed, scale, zero, bits, group, x2d.shape[1], x2d.dtype).t()
+        w = dequantize(packed, scale, zero, bits, group, x2d.shape[1], x2d.dtype)
+        if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a checkpoint recompute
+            _RECOMPUTED[packed.data_ptr()] = w
+        return x2d @ w.t()
 
     @staticmethod
     def backward(ctx, dy):
         packed, scale, zero = ctx.saved_tensors
+        w = _RECOMPUTED.pop(packed.data_ptr(), None)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ dequantize(packed, scale, zero, ctx.bits, ctx.group, packed.shape[1] * 32 // ctx.bits, dy.dtype)
+            if w is None or w.dtype != dy.dtype:
+                w = dequantize(packed, scale, zero, ctx.bits, ctx.group, packed.shape[1] * 32 // ctx.bits, dy.dtype)
+            dx = dy @ w
         return dx, None, None, None, None, None
 
 

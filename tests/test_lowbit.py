@@ -20,6 +20,11 @@ def test_triton_matches_reference_under_interpreter():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
 
+def test_checkpointing_reuses_the_recomputed_weight_and_keeps_gradients_under_interpreter():
+    proc = run_cases_under_interpreter("tests.lowbit_ckpt_case", REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_matches_reference_on_gpu(monkeypatch):

@@ -66,6 +66,16 @@ def chunked_lm_loss(model, input_ids: torch.Tensor, chunk: int = 1024) -> torch.
     return total / len(targets)
 
 
+def train_step(peft_model, optimizer, ids: torch.Tensor) -> torch.Tensor:
+    """One bf16-autocast step of the LM loss on `ids`; returns the loss."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = chunked_lm_loss(peft_model.base_model.model, ids)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def measure(model, batch: int, seq: int, steps: int, rank: int, ckpt: bool) -> dict:
     peft_model = add_lora(model, rank=rank, alpha=2 * rank, targets=list(PROJECTIONS))
     if ckpt:
@@ -80,11 +90,7 @@ def measure(model, batch: int, seq: int, steps: int, rank: int, ckpt: bool) -> d
     times = []
     for _ in range(steps + 3):
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = chunked_lm_loss(peft_model.base_model.model, ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(peft_model, optimizer, ids)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up (autotune, allocator)

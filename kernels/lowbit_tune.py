@@ -202,9 +202,9 @@ def gpu_time_us(fn, reps: int, flush: torch.Tensor | None = None) -> float:
     256 MB buffer is zeroed (the H100's L2 is 50 MB) and the GPU spins ~0.5 ms (torch.cuda._sleep)
     while the host launches, so the CUDA events bracket the GPU work alone. (With a ~100 us spin
     the unfused correction's four launches, and the first rows of runs on a fresh or busy machine,
-    read 2-10x slow: the host had not finished launching when the spin ended.) triton's do_bench times back-to-back
-    launches: for ~10 us kernels that is the launcher's host time, and it ranked the M=1 GEMV
-    configs wrongly (benchmarks/2026-11-30-h200-lowbit-gemv-grid.json)."""
+    read 2-10x slow: the host had not finished launching when the spin ended.) triton's do_bench
+    times back-to-back launches: for ~10 us kernels that is the launcher's host time, and it ranked
+    the M=1 GEMV configs wrongly (benchmarks/2026-11-30-h200-lowbit-gemv-grid.json)."""
     global _FLUSH
     if flush is None:
         if _FLUSH is None:
@@ -228,7 +228,7 @@ def tune(candidates: list[dict], launch, reps: int = 15) -> dict:
     """Fastest candidate by median time in gpu_time_us (cold L2, launch cost hidden)."""
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # freed with the tuning
     runs = []
-    for cfg in candidates:  # compile first: compiling leaves the GPU idle
+    for cfg in candidates:  # compile them all first, so that the timings run back to back
         try:
             launch(cfg)
             runs.append(cfg)

@@ -5,8 +5,9 @@
 
 Every timed call starts with a cold L2: a 256 MB buffer (the H100's L2 is 50 MB, an fp16 4096x4096
 weight 32 MB) is zeroed before it, then the GPU spins for ~0.5 ms (torch.cuda._sleep) so the
-Python launch overhead of the next call is hidden (kernels.lowbit_tune.gpu_time_us, which the tuner uses too); CUDA events bracket the call alone; median of
---reps. No CUDA graphs. Ratios are cuBLAS time / low-bit time (> 1: the low-bit kernel is faster).
+Python launch overhead of the next call is hidden (kernels.lowbit_tune.gpu_time_us, which the
+tuner uses too); CUDA events bracket the call alone; median of --reps. No CUDA graphs. Ratios are
+cuBLAS time / low-bit time (> 1: the low-bit kernel is faster).
 
 Sections: (1) forward y = x @ W^T per shape, format (bits:group) and M; (2) the fused rank-r
 correction at M in --lr-m: plain low-bit kernel vs fused vs unfused (plain kernel + two matmuls and

@@ -10,9 +10,9 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
 - GEMV, M <= GEMV_MAX_M (decode; memory-bound, the main target). A program owns BLOCK_N output
   rows of one x row and a K-slice (split-K), walked in tiles whose loads are issued one tile ahead
   (software prefetch; a config may turn it off, PREFETCH=False, to hold half the words and fit
-  more warps per SM: the H200's pick on most shapes). All threads lie along K, each holding one 32-weight unit (the packing's U
-  words) of every row, so each activation load (a U-wide vector, thanks to the interleaved
-  packing) serves BLOCK_N rows. Dequantisation is 2 ops per weight: the field is masked in place
+  more warps per SM: the H200's pick on most shapes). All threads lie along K, each holding one
+  32-weight unit (the packing's U words) of every row, so each activation load (a U-wide vector,
+  thanks to the interleaved packing) serves BLOCK_N rows. Dequantisation is 2 ops per weight: the field is masked in place
   (one LOP3) and read as a *denormal* fp32, exactly q * 2**(POS-149), then FMA'd with the
   activation pre-scaled by 2**(100-POS) (int->float I2F runs at 1/8 of the FMA rate on H100; the
   2**23 "magic number" trick needs a third op to remove the offset). Zero point and scale are
@@ -131,7 +131,8 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
         ws = torch.empty(split, M, N, device=x2d.device, dtype=torch.float32) if split > 1 else y
         cnt = _counters(x2d.device, 65 + tiles)
         blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK") and k != "BLOCK_M"}
-        kernel, extra = (_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True))) if kind == "gemv" else (_gemm_kernel, {})
+        kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True)))
+                         if kind == "gemv" else (_gemm_kernel, {}))
         kernel[(n_tprog + tiles * split,)](
             x2d, packed, packed.view(torch.int16), scale, zero, bias if bias is not None else y, down if has_lr else y,
             up if has_lr else y, t, y, ws, cnt, M, N, K, R, ts, x2d.stride(0), y.stride(0), packed.stride(0), n_tprog,

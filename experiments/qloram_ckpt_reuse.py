@@ -61,6 +61,26 @@ def interleaved(config, steps: int) -> list[dict]:
             for (kind, reuse), t in times.items()]
 
 
+def sequential(config, steps: int, reverse: bool) -> list[dict]:
+    """One row per (model, checkpointing, reuse), each on a freshly built model, in turn."""
+    kept = lowbit_dequant._RECOMPUTED
+    rows = []
+    plan = [("loram", True, True), ("qloram4", True, True), ("qloram4", True, False), ("loram", False, True),
+            ("qloram4", False, True)]
+    for kind, ckpt, reuse in plan[::-1] if reverse else plan:
+        lowbit_dequant._RECOMPUTED = kept if reuse else _Dropping()
+        model = build(config, kind, 0.5)
+        rows.append(dict(model=kind, checkpointing=ckpt, reuse=reuse, **measure(model, 8, 512, steps, 16, ckpt)))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    lowbit_dequant._RECOMPUTED = kept
+    base = {r["checkpointing"]: r["tokens_per_s"] for r in rows if r["model"] == "loram"}
+    for r in rows:
+        r["vs_loram"] = r["tokens_per_s"] / base[r["checkpointing"]]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
@@ -69,38 +89,14 @@ def main() -> None:
     ap.add_argument("--interleave", action="store_true", help="only the checkpointed rows, step by step in turn")
     args = ap.parse_args()
     config = llama32_1b_shape()
-    if args.interleave:
-        rows = interleaved(config, args.steps)
-        for r in rows:
-            print(f"{r['model']:8s} reuse={r['reuse']!s:5s} {r['tokens_per_s']:8.0f} tok/s {r['vs_loram']:.2f}x LoRAM "
-                  f"(steps {min(r['steps_s']) * 1000:.0f}-{max(r['steps_s']) * 1000:.0f} ms)", flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, steps=args.steps, rows=rows), f,
-                          indent=1)
-        return
-    kept = lowbit_dequant._RECOMPUTED
-    rows = []
-    plan = [("loram", True, True), ("qloram4", True, True), ("qloram4", True, False), ("loram", False, True),
-            ("qloram4", False, True)]
-    for kind, ckpt, reuse in plan[::-1] if args.reverse else plan:
-        lowbit_dequant._RECOMPUTED = kept if reuse else _Dropping()
-        model = build(config, kind, 0.5)
-        row = dict(model=kind, checkpointing=ckpt, reuse=reuse, **measure(model, 8, 512, args.steps, 16, ckpt))
-        rows.append(row)
-        print(row, flush=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-    lowbit_dequant._RECOMPUTED = kept
-    base = {r["checkpointing"]: r["tokens_per_s"] for r in rows if r["model"] == "loram"}
+    rows = interleaved(config, args.steps) if args.interleave else sequential(config, args.steps, args.reverse)
     for r in rows:
-        r["vs_loram"] = r["tokens_per_s"] / base[r["checkpointing"]]
         print(f"{r['model']:8s} ckpt={r['checkpointing']!s:5s} reuse={r['reuse']!s:5s} {r['tokens_per_s']:8.0f} tok/s "
-              f"{r['vs_loram']:.2f}x LoRAM, peak {r['peak_gib']:.2f} GiB", flush=True)
+              f"{r['vs_loram']:.2f}x LoRAM" + (f", peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, steps=args.steps, rows=rows), f, indent=1)
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, steps=args.steps, rows=rows), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,18 @@ class QuantLinear(nn.Module):
                               self.group, dtype)
         return w[:, : self.in_features]
 
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A frozen nn.Linear with the folded weight (W_hat + up @ down, padded columns dropped) in
+        `dtype`: in fp32, the same weight and results as the CPU forward, without its per-call checks."""
+        w = self._dense_weight(folded=True).to(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(w, requires_grad=False)  # no random init of a throwaway weight
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(dtype, copy=True), requires_grad=False)
+        self.__dict__.pop("_dense", None)  # the Linear owns the weight now: no second copy, no shared
+        self.__dict__.pop("_dense_src", None)  # cache that an edit of the Linear would make stale
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")

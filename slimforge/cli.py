@@ -68,6 +68,10 @@ def _eval(args: argparse.Namespace) -> None:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.model, args.dtype, args.trust_remote_code, device)
+    if device == "cpu":  # a quantized folder's layers dequantised once: no kernels here, full-precision speed
+        from slimforge.quantized import dequantize_for_cpu
+
+        dequantize_for_cpu(model)
     metrics = evaluate_suite(model, tokenizer, args.data, model_dir=args.model, test_files=TEST_FILES)
     if args.speed:
         from slimforge.evaluate.speed import decode_tokens_per_s

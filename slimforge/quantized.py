@@ -18,6 +18,9 @@ garbage after a warning; with no file it recognises, it fails loudly instead.
 
     from slimforge.quantized import load_quantized
     model, tokenizer = load_quantized("data/quantized", device="cuda")
+
+On a CPU, `dequantize_for_cpu(model)` turns the loaded layers into plain nn.Linear (the same speed as
+the unquantized model; the report and `slimforge eval` do it there).
 """
 
 from __future__ import annotations
@@ -81,6 +84,30 @@ def pack_linears(model: torch.nn.Module, bits: int, group: int, rank: int = 0) -
     for name, module in target_linears(model, list(PROJECTIONS)).items():
         _set_module(model, name, QuantLinear.from_linear(module, bits, group, rank=rank))
     return model
+
+
+def dequantize_for_cpu(model: torch.nn.Module) -> int:
+    """Replace every QuantLinear of a CPU model by a frozen nn.Linear holding its folded weight
+    (W_hat + up @ down), in place; returns how many. With no kernels on the CPU this is the fast path:
+    one matmul per layer and no per-call checks, as fast as the unquantized model (issue 19). For
+    inference only (the factors stop training); the packed form stays the one on disk, and nothing
+    is saved from the result. An fp32 model gives bit-identical logits to the QuantLinear CPU path; a
+    bf16/fp16 model gets its weights rounded once to that dtype, as its unquantized weights were.
+
+        model, tokenizer = load_quantized("data/quantized")
+        dequantize_for_cpu(model)
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in layers.items():  # all checked before any is replaced: no half-converted model
+        if not name:
+            raise SlimforgeError("dequantize_for_cpu replaces layers inside a model; for one layer use to_linear()")
+        if m.packed.device.type != "cpu":
+            raise SlimforgeError(f"{name} is on {m.packed.device}, not the CPU: dequantize_for_cpu is for "
+                                 f"CPU inference (on a GPU the packed kernels are the fast path)")
+    dtype = getattr(model, "dtype", torch.float32)  # a Hugging Face model's dtype (its embeddings')
+    for name, m in layers.items():
+        _set_module(model, name, m.to_linear(dtype))
+    return len(layers)
 
 
 def bits_report(model: torch.nn.Module) -> dict:

@@ -10,7 +10,9 @@ import torch
 from slimforge import SlimforgeError
 from slimforge.batching import encode_records
 from slimforge.pruning import PrunePlan, prune_model, save_pruned
-from slimforge.quantized import bits_report, load_quantized, quantize_model, save_quantized, target_linears
+from kernels.quant_linear import QuantLinear
+from slimforge.quantized import (bits_report, dequantize_for_cpu, load_quantized, quantize_model, save_quantized,
+                                 target_linears)
 from slimforge.tasks.records import load_records
 from slimforge.config import Schedule
 from slimforge.losses import distillation_loss
@@ -44,6 +46,34 @@ def test_folder_reloads_to_the_same_logits(tmp_path, tokenizer):
     assert meta["modules"]["model.layers.0.self_attn.q_proj"]["bits"] == 2
     report = bits_report(again)
     assert report["bits_per_weight"] > report["quantized_bits_per_weight"] > 2
+
+
+def test_dequantize_for_cpu_gives_the_same_logits_with_plain_linears(tmp_path, tokenizer):
+    model = _quantized(tiny_model("qwen2", tokenizer), group=64)  # rank 4; K=32 < 64 padded, K=64 not; biases
+    save_quantized(model, tokenizer, tmp_path, tmp_path / "q")
+    packed, _ = load_quantized(tmp_path / "q")
+    dense, _ = load_quantized(tmp_path / "q")
+    assert dequantize_for_cpu(dense) == 2 * len(PROJECTIONS)
+    assert not any(isinstance(m, QuantLinear) for m in dense.modules())
+    assert all(not p.requires_grad for n, p in dense.named_parameters() if "_proj" in n)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, dense(ids).logits)
+        assert torch.equal(packed.generate(ids, max_new_tokens=4, do_sample=False),
+                           dense.generate(ids, max_new_tokens=4, do_sample=False))
+    half = load_quantized(tmp_path / "q")[0].to(torch.bfloat16)  # other dtypes: weights rounded to it once
+    dequantize_for_cpu(half)
+    assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.allclose(half(ids).logits.float(), packed(ids).logits, atol=0.02)
+
+
+def test_dequantize_for_cpu_refuses_a_layer_off_the_cpu(tokenizer):
+    model = _quantized(tiny_model("llama", tokenizer))
+    model.model.layers[1].mlp.up_proj.to("meta")  # stands in for a GPU: checked before anything changes
+    with pytest.raises(SlimforgeError, match="model.layers.1.mlp.up_proj is on meta, not the CPU"):
+        dequantize_for_cpu(model)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
 
 
 def test_stock_transformers_refuses_the_packed_folder_instead_of_loading_garbage(tmp_path, tokenizer):

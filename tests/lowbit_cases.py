@@ -81,9 +81,10 @@ def plan(device: str) -> list[dict]:
             for M, K, dtype, rank, bias in [(1, 128, torch.float16, 8, True), (3, 256, torch.bfloat16, 0, False),
                                             (17, 256, torch.float16, 0, True), (70, 128, torch.bfloat16, 8, False)]:
                 out.append(dict(bits=bits, group=group, M=M, N=37, K=K, dtype=dtype, rank=rank, bias=bias, seed=bits * 100 + M))
-        # dequantise + matmul (M >= DEQUANT_MIN_M, 2/4-bit): K with 8-unit tiles and K = 96 (1-unit tiles);
-        # 3-bit at that M stays on the fused GEMM
-        for bits, group, K, dtype, rank, bias in ((4, 32, 256, torch.float16, 8, True), (2, 32, 96, torch.bfloat16, 0, False),
+        # dequantise + matmul (M >= DEQUANT_MIN_M, 2/4-bit): K with 16-unit tiles, 8-unit tiles and K = 96
+        # (1-unit tiles); 3-bit at that M stays on the fused GEMM
+        for bits, group, K, dtype, rank, bias in ((2, 64, 512, torch.float16, 0, True),
+                                                  (4, 32, 256, torch.float16, 8, True), (2, 32, 96, torch.bfloat16, 0, False),
                                                   (4, 32, 96, torch.bfloat16, 4, True), (3, 32, 128, torch.float16, 4, True)):
             out.append(dict(bits=bits, group=group, M=260, N=37, K=K, dtype=dtype, rank=rank, bias=bias, seed=7))
         # split-K in the GEMM path, a second GEMV tiling

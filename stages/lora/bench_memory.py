@@ -76,7 +76,7 @@ def train_step(peft_model, optimizer, ids: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def measure(model, batch: int, seq: int, steps: int, rank: int, ckpt: bool) -> dict:
+def measure(model, batch: int, seq: int, steps: int, rank: int, ckpt: bool, gc_freeze: bool = False) -> dict:
     peft_model = add_lora(model, rank=rank, alpha=2 * rank, targets=list(PROJECTIONS))
     if ckpt:
         peft_model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -88,14 +88,24 @@ def measure(model, batch: int, seq: int, steps: int, rank: int, ckpt: bool) -> d
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
     times = []
-    for _ in range(steps + 3):
+    for i in range(steps + 3):
+        if i == 3:  # allocator activity in the timed steps: cudaMalloc/cudaFree (they synchronise) and retries
+            before = torch.cuda.memory_stats()
+            collections = [g["collections"] for g in gc.get_stats()]
+            if gc_freeze:  # the model's objects out of the collector's reach: no full-heap pauses while timing
+                gc.collect()
+                gc.freeze()
         start = time.perf_counter()
         loss = train_step(peft_model, optimizer, ids)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    after = torch.cuda.memory_stats()
+    gc.unfreeze()
     step = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up (autotune, allocator)
     return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "resident_gib": resident / 2**30,
-            "tokens_per_s": batch * seq / step, "loss": loss.item()}
+            "tokens_per_s": batch * seq / step, "loss": loss.item(), "step_ms": [round(t * 1e3, 1) for t in times[3:]],
+            **{k: after.get(k, 0) - before.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")},
+            "gc_collections": [g["collections"] - c for g, c in zip(gc.get_stats(), collections)]}
 
 
 def build(config, kind: str, sparsity: float) -> torch.nn.Module:
@@ -124,6 +134,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed steps (see measure)")
     args = ap.parse_args()
     config = llama32_1b_shape() if args.shape == "1b" else llama3_8b_shape()
     gpu = torch.cuda.get_device_name()
@@ -137,13 +148,16 @@ def main() -> None:
             model = build(config, kind=kind, sparsity=args.sparsity)
             params = sum(p.numel() for p in model.parameters()) / 1e9
             row = {"model": kind, "checkpointing": ckpt, "dense_params_b": params, "held_before_gib": before / 2**30,
-                   **measure(model, batch=args.batch, seq=args.seq, steps=args.steps, rank=args.rank, ckpt=ckpt)}
+                   **measure(model, batch=args.batch, seq=args.seq, steps=args.steps, rank=args.rank, ckpt=ckpt,
+                               gc_freeze=args.gc_freeze)}
             full = full or row
             row["memory_ratio"] = row["peak_gib"] / full["peak_gib"]
             row["speed_ratio"] = row["tokens_per_s"] / full["tokens_per_s"]
             rows.append(row)
             print(f"ckpt={ckpt!s:5s} {kind:8s} dense params {params:5.2f}B  peak {row['peak_gib']:6.2f} GiB "
-                  f"({row['memory_ratio']:.2f}x)  {row['tokens_per_s']:9.0f} tok/s ({row['speed_ratio']:.2f}x)",
+                  f"({row['memory_ratio']:.2f}x)  {row['tokens_per_s']:9.0f} tok/s ({row['speed_ratio']:.2f}x)  "
+                  f"steps {min(row['step_ms']):.0f}-{max(row['step_ms']):.0f} ms, cudaMalloc {row['num_device_alloc']}, "
+                  f"retries {row['num_alloc_retries']}, gc runs {row['gc_collections']}",
                   flush=True)
             if args.json:  # after every row: a later row that fails keeps the earlier ones
                 with open(args.json, "w") as f:

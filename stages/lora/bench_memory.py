@@ -11,6 +11,8 @@ seven projections), AdamW, batch and sequence length for every row; peak = the m
 allocated during the steps (weights included); only the row's own model is on the GPU then (the
 full model a pruned row is cut from is freed before its window, and `held_before_gib`, what earlier
 rows left allocated, is reported to show it). Rows with and without activation checkpointing.
+Each row also lists its timed steps (ms) and what the allocator (cudaMalloc, retries) and Python's
+collector did during them (`--gc-freeze`: the collector kept off the model's objects while timing).
 The loss runs the LM head in chunks under checkpointing (fp32 logits of a 128k vocabulary would
 otherwise dominate every row equally and hide what pruning saves).
 """
@@ -87,9 +89,9 @@ def measure(model, batch: int, seq: int, steps: int, rank: int, ckpt: bool, gc_f
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
-    times = []
-    for i in range(steps + 3):
-        if i == 3:  # allocator activity in the timed steps: cudaMalloc/cudaFree (they synchronise) and retries
+    times, warmup = [], 3  # untimed first steps: autotune, allocator
+    for i in range(warmup + steps):
+        if i == warmup:  # allocator activity in the timed steps: cudaMalloc/cudaFree (they synchronise) and retries
             before = torch.cuda.memory_stats()
             collections = [g["collections"] for g in gc.get_stats()]
             if gc_freeze:  # the model's objects out of the collector's reach: no full-heap pauses while timing
@@ -101,9 +103,10 @@ def measure(model, batch: int, seq: int, steps: int, rank: int, ckpt: bool, gc_f
         times.append(time.perf_counter() - start)
     after = torch.cuda.memory_stats()
     gc.unfreeze()
-    step = sorted(times[3:])[len(times[3:]) // 2]  # median after warm-up (autotune, allocator)
+    timed = times[warmup:]
+    step = sorted(timed)[len(timed) // 2]  # median
     return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "resident_gib": resident / 2**30,
-            "tokens_per_s": batch * seq / step, "loss": loss.item(), "step_ms": [round(t * 1e3, 1) for t in times[3:]],
+            "tokens_per_s": batch * seq / step, "loss": loss.item(), "step_ms": [round(t * 1e3, 1) for t in timed],
             **{k: after.get(k, 0) - before.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")},
             "gc_collections": [g["collections"] - c for g, c in zip(gc.get_stats(), collections)]}
 

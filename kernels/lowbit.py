@@ -23,6 +23,12 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
   tile is dequantised to x's dtype (shift, or into 2**23, subtract 2**23 + z, times s) and fed
   to tl.dot. About 9-10 instructions per weight plus a trip through shared memory to reach the
   MMA operand layout: this path is the slow one (see the benchmark).
+  Per-field variant (config key FIELDS, M <= 32, 2/4-bit, group 128: the tuner's pick there on an
+  H200): one MMA per field position of the packed units (32-bit words at 4 bits, 16-bit
+  half-words at 2), each against the matching rows of x; with only elementwise ops between the
+  unit load and tl.dot, triton loads the packed tile into the MMA operand layout itself and the
+  fp16 tile never touches shared memory (W4 M=16 1.01-1.06x cuBLAS against 0.61-0.79x).
+  FIELDS=2 reads x from a copy in field order (one small permute), FIELDS=1 gathers it in place.
 - Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2- and 4-bit: 128) (kernels/lowbit_dequant.py): W_hat in x's dtype
   from one coalesced Triton pass, then cuBLAS; dx the same way in backward (W_hat recomputed, not
   saved). The fused kernels below stay for smaller M and for 3-bit weights.
@@ -93,6 +99,16 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
     return buf
 
 
+def _field_order(x2d: torch.Tensor, bits: int) -> torch.Tensor:
+    """x (M, K) as (M, 8, K/8): row f holds, for every packed unit c, the activation that field f of
+    unit c multiplies (the k map in lowbit_triton._fields_tile)."""
+    M, K = x2d.shape
+    if bits == 4:  # k = 32u + 4f + j, unit c = 4u + j
+        return x2d.view(M, K // 32, 8, 4).transpose(1, 2).reshape(M, 8, K // 8)
+    # k = 32u + 16h + 2f + j, unit c = 4u + 2j + h
+    return x2d.view(M, K // 32, 2, 8, 2).permute(0, 3, 1, 4, 2).reshape(M, 8, K // 8)
+
+
 def _upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and not x.is_cuda
 
@@ -131,11 +147,13 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
         ws = torch.empty(split, M, N, device=x2d.device, dtype=torch.float32) if split > 1 else y
         cnt = _counters(x2d.device, 65 + tiles)
         blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK") and k != "BLOCK_M"}
+        fields = cfg.get("FIELDS", 0) if kind == "gemm" else 0
+        xs = (x2d, _field_order(x2d, bits) if fields == 2 else x2d) if kind == "gemm" else (x2d,)  # GEMM: X, XF
         kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True)))
-                         if kind == "gemv" else (_gemm_kernel, {}))
+                         if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields)))
         kernel[(n_tprog + tiles * split,)](
-            x2d, packed, packed.view(torch.int16), scale, zero, bias if bias is not None else y, down if has_lr else y,
-            up if has_lr else y, t, y, ws, cnt, M, N, K, R, ts, x2d.stride(0), y.stride(0), packed.stride(0), n_tprog,
+            *xs, packed, packed.view(torch.int16), scale, zero, bias if bias is not None else y,
+            down if has_lr else y, up if has_lr else y, t, y, ws, cnt, M, N, K, R, ts, x2d.stride(0), y.stride(0), packed.stride(0), n_tprog,
             BITS=bits, GROUP=group, HAS_BIAS=bias is not None, HAS_LR=has_lr, BLOCK_M=bm, SPLIT_K=split,
             BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(x2d), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **blocks, **extra, **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))

@@ -87,6 +87,61 @@ if triton is not None:
         return tl.reshape((v * s).to(dtype), (BLOCK_N, BLOCK_KW * VPW))
 
     @triton.jit
+    def _fields_tile(X, XF, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS: tl.constexpr,
+                     GROUP: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr):
+        """acc += W_hat[n, k0 .. k0+BLOCK_K] @ x[m, same]^T as one MMA per field position f of the
+        packed units: 32-bit words at 4 bits, 16-bit half-words at 2 and 3 bits (low plane), 8
+        fields each. Field f of the unit tile [BLOCK_N, BLOCK_K/8] is a [BLOCK_N, BLOCK_K/8] slice
+        of the weights (which k: the packing, below), multiplied with the matching rows of x. Every
+        op from the unit load to the MMA is elementwise with constant shifts, so triton loads the
+        units (staged in shared memory by the pipeliner) straight into the MMA operand layout and
+        dequantises in registers: the packed tile crosses shared memory once, where _dequant's
+        reshape costs a second trip for the whole fp16 tile. BLOCK_K <= GROUP keeps one scale per
+        row and tile (a per-weight scale tile is correct but triton then stages the fp16 tile).
+
+        k of field f of unit c (lowbit_format's packing, u = c // 4 the 32-weight unit):
+          4-bit word c:           32u + 4f + c % 4
+          2-bit half-word c:      32u + 16 (c % 2) + 2f + (c // 2) % 2   (word c // 2, half c % 2)
+          3-bit: low plane as 2-bit; high bits of half-word c are byte K/4 + c of the row, bit f.
+        FIELDS=2 reads x from XF, x laid out by the launcher as (M, 8, K/8) in (field, unit) order:
+        contiguous rows per field, where FIELDS=1 gathers them from x (runs of 4 at 4 bits, 1 at 2)."""
+        LO: tl.constexpr = 2 if BITS == 3 else BITS
+        BLOCK_C: tl.constexpr = BLOCK_K // 8
+        C = K // 8  # units per row
+        c = k0 // 8 + tl.arange(0, BLOCK_C)
+        cmask = (n < N)[:, None] & (c < C)[None, :]
+        if LO == 4:
+            w = tl.load(P + n[:, None] * stride_p + c[None, :], mask=cmask, other=0)
+            kx = tl.max_contiguous(tl.multiple_of(c // 4 * 32 + c % 4, 4), 4)
+        else:
+            w = tl.load(P16 + n[:, None] * (2 * stride_p) + c[None, :], mask=cmask, other=0).to(tl.int32)
+            kx = c // 4 * 32 + (c % 2) * 16 + (c // 2) % 2
+        h = w
+        if BITS == 3:
+            P8 = P.to(tl.pointer_type(tl.int8))
+            h = tl.load(P8 + n[:, None] * (4 * stride_p) + K // 4 + c[None, :], mask=cmask, other=0).to(tl.int32)
+        if BLOCK_K <= GROUP:  # the tile lies inside one group (k0 is a multiple of BLOCK_K)
+            grp = n * (K // GROUP) + k0 // GROUP
+            s = tl.load(S + grp, mask=n < N, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(Z + grp, mask=n < N, other=0.0).to(tl.float32)[:, None]
+        else:  # clamped, not masked: past K the units and x are zero, so any finite scale will do
+            grp = tl.minimum(n, N - 1)[:, None] * (K // GROUP) + (tl.minimum(c, C - 1) // 4 * 32 // GROUP)[None, :]
+            s = tl.load(S + grp).to(tl.float32)
+            z = tl.load(Z + grp).to(tl.float32)
+        xmask = (m < M)[None, :] & (c < C)[:, None]
+        for f in tl.static_range(8):
+            q = (w >> (f * LO)) & ((1 << LO) - 1)
+            if BITS == 3:
+                q = q | (((h >> f) & 1) << 2)
+            v = ((q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)) * s
+            if FIELDS == 2:
+                xt = tl.load(XF + m[None, :] * K + f * C + c[:, None], mask=xmask, other=0.0)
+            else:
+                xt = tl.load(X + m[None, :] * stride_xm + (kx + f * LO)[:, None], mask=xmask, other=0.0)
+            acc = _mma(v.to(X.dtype.element_ty), xt, acc, UPCAST)
+        return acc
+
+    @triton.jit
     def _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M: tl.constexpr, WARPS: tl.constexpr):
         """t-program (GEMV mode): T[slice, m, r] = x[m, slice] . down[r, slice] for T_ROWS rows r,
         a slice of T_K / 4 * WARPS / BLOCK_M columns (64 products per thread)."""
@@ -239,10 +294,10 @@ if triton is not None:
                     BLOCK_R, False, UPCAST)
 
     @triton.jit
-    def _gemm_kernel(X, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
+    def _gemm_kernel(X, XF, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
+                     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr):
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
@@ -258,10 +313,16 @@ if triton is not None:
             span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             for k0 in range(pid_k * span, tl.minimum(pid_k * span + span, K), BLOCK_K):
-                w = _dequant(P, P16, S, Z, n, k0 // VPW, N, K, stride_p, BITS, GROUP, BLOCK_N, BLOCK_K // VPW, X.dtype.element_ty)
-                k = k0 + tl.arange(0, BLOCK_K)
-                xt = tl.load(X + m[None, :] * stride_xm + k[:, None], mask=(m < M)[None, :] & (k < K)[:, None], other=0.0)
-                acc = _mma(w, xt, acc, UPCAST)
+                if FIELDS:
+                    acc = _fields_tile(X, XF, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS, GROUP,
+                                       BLOCK_K, UPCAST, FIELDS)
+                else:
+                    w = _dequant(P, P16, S, Z, n, k0 // VPW, N, K, stride_p, BITS, GROUP, BLOCK_N, BLOCK_K // VPW,
+                                 X.dtype.element_ty)
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    xt = tl.load(X + m[None, :] * stride_xm + k[:, None], mask=(m < M)[None, :] & (k < K)[:, None],
+                                 other=0.0)
+                    acc = _mma(w, xt, acc, UPCAST)
             _finish(tl.trans(acc), m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym,
                     n_tprog, n_m * tl.cdiv(N, BLOCK_N), HAS_BIAS, HAS_LR, SPLIT_K, BLOCK_R, True, UPCAST)
 

@@ -92,6 +92,12 @@ def plan(device: str) -> list[dict]:
             "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1)}))
         out.append(dict(bits=2, group=64, M=1, N=37, K=256, dtype=torch.bfloat16, rank=0, bias=True, override={
             "gemv": dict(BLOCK_N=16, BLOCK_KW=16, SPLIT_K=1, num_warps=4, num_stages=1)}))
+        # the per-field GEMM (FIELDS): x gathered (1) or in field order (2); tile inside a group and
+        # across groups (per-weight scales); a partial last tile (K = 384 = 3 tiles of 128)
+        for bits, group, dtype, fields in ((4, 128, torch.float16, 1), (3, 64, torch.bfloat16, 2),
+                                           (2, 128, torch.bfloat16, 1), (2, 32, torch.float16, 2)):
+            out.append(dict(bits=bits, group=group, M=17, N=37, K=384, dtype=dtype, rank=8, bias=True, override={
+                "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, FIELDS=fields)}))
         for bits in (4, 3):  # the GEMV without its hand prefetch, several tiles per program
             out.append(dict(bits=bits, group=32, M=2, N=37, K=256, dtype=torch.float16, rank=8, bias=True, override={
                 "gemv": dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=2, num_warps=4, num_stages=1, PREFETCH=False)}))
@@ -113,6 +119,13 @@ def plan(device: str) -> list[dict]:
                         ({"gemm": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)}, 17)]:
         out.append(dict(bits=4, group=128, M=M, N=1037, K=4096, dtype=torch.float16, rank=64, bias=True, override=override))
         out.append(dict(bits=2, group=64, M=M, N=1037, K=4096, dtype=torch.bfloat16, rank=16, bias=False, override=override))
+    # the per-field GEMM: mma.sync (16 x 16, 2 warps) and wgmma (64-row, 4 warps) tiles, both x orders, every width
+    for override, M in [({"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=3, FIELDS=1)}, 17),
+                        ({"gemm": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=3, FIELDS=2)}, 17),
+                        ({"gemm": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=8, num_stages=3, FIELDS=1)}, 70)]:
+        for bits, group, dtype, rank in ((4, 128, torch.float16, 64), (3, 128, torch.bfloat16, 0), (2, 128, torch.bfloat16, 16)):
+            out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 4,
+                            override=override))
     return out
 
 

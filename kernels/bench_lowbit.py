@@ -17,10 +17,11 @@ tuned on first use (kernels/lowbit_tune.py); candidate kernels are
 compiled first in parallel worker processes (into Triton's disk cache) so tuning only times them.
 --configs-out writes the tuned table for this GPU (to ship as kernels/lowbit_configs.json).
 
-Last run (H200, torch 2.11, triton 3.6, g128, benchmarks/2026-11-30-h200-lowbit-prefetch-dispatch.json;
-ratios vs cuBLAS fp16): W4 M=1 1.85-2.15x, M=16 0.61-0.78x; W2 1.82-2.15x, 0.74-0.77x; fused rank-64
-correction +21-33% (M=1), +8-21% (M=16); PyTorch's int4 kernel at M=1 1.76-1.82x (ours 1.76-2.14x in
-bf16). A kernel that only streams the packed bytes reaches 2.28-2.99x (W4) in this harness
+Last runs (H200, torch 2.11, triton 3.6, g128, ratios vs cuBLAS fp16):
+benchmarks/2026-11-30-h200-lowbit-prefetch-dispatch.json: W4 M=1 1.85-2.15x, W2 1.82-2.15x; fused
+rank-64 correction +21-33% (M=1); PyTorch's int4 kernel at M=1 1.76-1.82x (ours 1.76-2.14x in bf16).
+benchmarks/2026-11-30-h200-lowbit-fields-dispatch.json (the per-field GEMM): W4 M=8 1.07-1.15x, M=16
+1.01-1.06x, M=32 0.78-0.94x; W2 0.93-1.01x, 0.89-0.95x, 0.73-0.82x; fused correction at M=16 +13-26%. A kernel that only streams the packed bytes reaches 2.28-2.99x (W4) in this harness
 (benchmarks/2026-11-30-h200-lowbit-gemv-grid.json). Timings vary ~5-20% between machines of the pool.
 """
 
@@ -99,7 +100,7 @@ def precompile(points, workers: int) -> None:
         key = lowbit_tune.config_key(kind, m, n, k, bits, group) + ("|lr" if rank else "")
         if key in lowbit_tune.tables().get(gpu, {}):
             continue
-        for cfg in lowbit_tune.CANDIDATES[kind](m, n, k, bits, sms):
+        for cfg in lowbit_tune.CANDIDATES[kind](m, n, k, bits, sms, group):
             jobs.setdefault((kind, bits, group, m == 1, rank > 0, tuple(sorted(cfg.items()))),
                             (n, k, bits, group, m, kind, cfg, rank))
     jobs = list(jobs.values())

@@ -8,7 +8,8 @@ cache ($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a 
 both fills on first use by timing a short candidate list (gpu_time_us: cold L2, launch cost
 hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tuned during CUDA-graph
 capture. The fused low-rank variant has entries of its own (key suffix |lr); bf16 reuses the fp16
-entry. A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
+entry. A GEMM config may carry FIELDS (1, 2: the per-field kernel, kernels/lowbit_triton.py
+_fields_tile; absent or 0: the plain one). A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
 it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
 """
 
@@ -57,7 +58,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _gemv_candidates(M, N, K, bits, sms):
+def _gemv_candidates(M, N, K, bits, sms, group=128):
     """All threads of a program lie along K (BLOCK_KW = 32 * LO * warps: one unit of LO words
     per thread and row): a narrower tile puts warps along N and costs a shared-memory layout
     conversion per tile. Fewer warps = more iterations per program. Each launch shape comes with
@@ -87,11 +88,17 @@ def _gemv_candidates(M, N, K, bits, sms):
     return out or [dict(BLOCK_N=4, BLOCK_KW=32 * lo, SPLIT_K=1, num_warps=1, num_stages=1, PREFETCH=True)]
 
 
-def _gemm_candidates(M, N, K, bits, sms):
+def _gemm_candidates(M, N, K, bits, sms, group=128):
     """The dequantisation, not the MMA, bounds this kernel at M <= 64, so it wants many small
     programs in flight: on an H200 the best tiles at M = 8..16 were 16 x 16 (M x N) with 2 warps
     and split-K 2..16, 20-25% faster than the 16 x 128 / 4-warp tiles this list used to end at
-    (benchmarks/2026-11-30-h200-lowbit-small-m-grid.json)."""
+    (benchmarks/2026-11-30-h200-lowbit-small-m-grid.json).
+
+    Up to M = 32, 2- and 4-bit, group 128: also the per-field GEMM (FIELDS, one scale per row and
+    128-wide K tile), whose packed tile crosses shared memory once; its best tiles are 64-128 rows
+    of W and 4-8 warps (wgmma), split-K 1-8: on an H200 W4 M=16 0.96-1.06x cuBLAS where the plain
+    GEMM gave 0.62-0.79x (benchmarks/2026-11-30-h200-lowbit-fields.json). 3-bit is left out: its
+    high-bit plane keeps triton from loading into the MMA layout, and it measured no faster."""
     vpw = 16 if bits in (2, 3) else 8
     out = []
     for bm in (16, 32, 64, 128):
@@ -117,10 +124,25 @@ def _gemm_candidates(M, N, K, bits, sms):
         return (round(abs(math.log2(progs / (per_sm * sms)))), c["BLOCK_M"] != big, c["num_warps"] != (2 if M <= 16 else 4),
                 -c["BLOCK_K"])
     out.sort(key=rank)
-    return out[:14]
+    return out[:14] + _fields_candidates(M, N, K, bits, sms, group)
 
 
-def _dx_candidates(M, N, K, bits, sms):
+def _fields_candidates(M, N, K, bits, sms, group):
+    if bits == 3 or group < 128 or pow2(M) > 32:
+        return []
+    out = []
+    for bm in sorted({16, max(16, pow2(M))}):
+        for bn, warps in ((64, 4), (128, 4), (128, 8)):
+            for split in (1, 2, 4, 8):
+                if math.ceil(N / bn) * math.ceil(M / bm) * split > 16 * sms or K / split < 256:
+                    continue
+                for fields in ((1,) if bits == 4 else (1, 2)):  # 2-bit: x gathered 2 bytes at a time, or reordered
+                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, num_warps=warps, num_stages=3,
+                                    FIELDS=fields))
+    return out
+
+
+def _dx_candidates(M, N, K, bits, sms, group=128):
     out = []
     for bm in (128, 64, 32):
         if bm > max(32, pow2(M)):
@@ -164,7 +186,7 @@ def config_for(kind: str, M: int, N: int, K: int, bits: int, group: int, device:
     hit = table.get(key + variant)
     if hit is not None:
         return hit
-    candidates = CANDIDATES[kind](M, N, K, bits, _sm_count(device))
+    candidates = CANDIDATES[kind](M, N, K, bits, _sm_count(device), group)
     tune_off = os.environ.get("SLIMFORGE_LOWBIT_TUNE", "1") == "0"
     if variant and key in table and (tune_off or torch.cuda.is_current_stream_capturing()):
         return table[key]

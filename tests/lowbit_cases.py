@@ -96,8 +96,10 @@ def plan(device: str) -> list[dict]:
         # across groups (per-weight scales); a partial last tile (K = 384 = 3 tiles of 128)
         for bits, group, dtype, fields in ((4, 128, torch.float16, 1), (3, 64, torch.bfloat16, 2),
                                            (2, 128, torch.bfloat16, 1), (2, 32, torch.float16, 2)):
-            out.append(dict(bits=bits, group=group, M=17, N=37, K=384, dtype=dtype, rank=8, bias=True, override={
-                "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=1, FIELDS=fields)}))
+            # rank 40 at 4 bits: a rank that is no power of two (the t-programs pad it to 64)
+            out.append(dict(bits=bits, group=group, M=17, N=37, K=384, dtype=dtype, rank=40 if bits == 4 else 8, bias=True,
+                            override={"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4,
+                                                   num_stages=1, FIELDS=fields)}))
         for bits in (4, 3):  # the GEMV without its hand prefetch, several tiles per program
             out.append(dict(bits=bits, group=32, M=2, N=37, K=256, dtype=torch.float16, rank=8, bias=True, override={
                 "gemv": dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=2, num_warps=4, num_stages=1, PREFETCH=False)}))

@@ -51,7 +51,8 @@ def rel_err(y, ref):
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def ir_stats(cfg, x, packed, scale, zero, bits):
+def compiled_gemm(cfg, x, packed, scale, zero, bits):
+    """The CompiledKernel (TTGIR, registers, spills, shared memory) of this GEMM config."""
     orig = lowbit._gemm_kernel
     seen = []
 
@@ -64,12 +65,17 @@ def ir_stats(cfg, x, packed, scale, zero, bits):
         lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm")
     finally:
         lowbit._gemm_kernel = orig
-    ir = seen[0].asm.get("ttgir", "")
+    return seen[0]
+
+
+def ir_stats(cfg, x, packed, scale, zero, bits):
+    kernel = compiled_gemm(cfg, x, packed, scale, zero, bits)
+    ir = kernel.asm.get("ttgir", "")
     dot_loads = [line for line in ir.splitlines() if "local_load" in line and "dot_op" in line]
     return dict(cfg=cfg, local_alloc=ir.count("local_alloc"), async_copies=ir.count("async_copy_global_to_local"),
                 int_operand_loads=sum(("xi32" in t or "xi16" in t) for t in dot_loads),
                 fp16_A_operand_loads=sum(("xf16" in t and "opIdx = 0" in t) for t in dot_loads),
-                wgmma="warp_group_dot" in ir, n_regs=seen[0].n_regs, shared_bytes=seen[0].metadata.shared)
+                wgmma="warp_group_dot" in ir, n_regs=kernel.n_regs, shared_bytes=kernel.metadata.shared)
 
 
 def grid_rows(args):

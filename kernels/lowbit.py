@@ -29,6 +29,8 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
   unit load and tl.dot, triton loads the packed tile into the MMA operand layout itself and the
   fp16 tile never touches shared memory (W4 M=16 1.01-1.06x cuBLAS against 0.61-0.79x).
   FIELDS=2 reads x from a copy in field order (one small permute), FIELDS=1 gathers it in place.
+  FIELDS=3 runs on 32-bit words at any width and group (one MMA per field and group, x rows of
+  the tile's other groups masked): the tuner offers it for 4-bit at groups 32 and 64.
 - Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2- and 4-bit: 128) (kernels/lowbit_dequant.py): W_hat in x's dtype
   from one coalesced Triton pass, then cuBLAS; dx the same way in backward (W_hat recomputed, not
   saved). The fused kernels below stay for smaller M and for 3-bit weights.

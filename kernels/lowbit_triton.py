@@ -142,6 +142,44 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _fields_words_tile(X, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS: tl.constexpr,
+                           GROUP: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+        """_fields_tile on 32-bit words at every width (FIELDS=3): a 16-word tile, 8 fields per word
+        at 4 bits, 16 at 2 and 3 bits (high bits from the int16 half-word of each low word, as in
+        _dequant), so BLOCK_K = 16 * fields may span several groups (2-bit g128: two). Per group the
+        A operand takes that group's scale and zero per row (constant over the tile: the layout
+        hoist holds) and x is loaded with the other groups' rows masked to zero, one MMA per
+        (field, group); x rows come in the packing's natural runs (LO-wide), no reordering."""
+        LO: tl.constexpr = 2 if BITS == 3 else BITS
+        FPW: tl.constexpr = 32 // LO  # fields per word
+        BLOCK_W: tl.constexpr = BLOCK_K // FPW  # words per row of the tile
+        WPG: tl.constexpr = GROUP // FPW  # words per group
+        NG: tl.constexpr = BLOCK_W // WPG  # groups in the tile (k0 is a multiple of BLOCK_K >= GROUP)
+        KW = K // FPW
+        wi = k0 // FPW + tl.arange(0, BLOCK_W)
+        wmask = (n < N)[:, None] & (wi < KW)[None, :]
+        w = tl.load(P + n[:, None] * stride_p + wi[None, :], mask=wmask, other=0)
+        h = w
+        if BITS == 3:  # high plane as int16 half-words: bit f of half-word 2*KW + wi
+            h = tl.load(P16 + n[:, None] * (2 * stride_p) + 2 * KW + wi[None, :], mask=wmask, other=0).to(tl.int32)
+        kx = tl.max_contiguous(tl.multiple_of(wi // LO * 32 + wi % LO, LO), LO)  # k of field 0 of each word
+        col = tl.arange(0, BLOCK_W)
+        for f in tl.static_range(FPW):
+            q = (w >> (f * LO)) & ((1 << LO) - 1)
+            if BITS == 3:
+                q = q | (((h >> f) & 1) << 2)
+            qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
+            for g in tl.static_range(NG):
+                grp = n * (K // GROUP) + k0 // GROUP + g
+                s = tl.load(S + grp, mask=n < N, other=0.0).to(tl.float32)[:, None]
+                z = tl.load(Z + grp, mask=n < N, other=0.0).to(tl.float32)[:, None]
+                v = (qf - (8388608.0 + z)) * s
+                xmask = (m < M)[None, :] & ((wi < KW) & (col // WPG == g))[:, None]
+                xt = tl.load(X + m[None, :] * stride_xm + (kx + f * LO)[:, None], mask=xmask, other=0.0)
+                acc = _mma(v.to(X.dtype.element_ty), xt, acc, UPCAST)
+        return acc
+
+    @triton.jit
     def _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M: tl.constexpr, WARPS: tl.constexpr):
         """t-program (GEMV mode): T[slice, m, r] = x[m, slice] . down[r, slice] for T_ROWS rows r,
         a slice of T_K / 4 * WARPS / BLOCK_M columns (64 products per thread)."""
@@ -313,7 +351,10 @@ if triton is not None:
             span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             for k0 in range(pid_k * span, tl.minimum(pid_k * span + span, K), BLOCK_K):
-                if FIELDS:
+                if FIELDS == 3:
+                    acc = _fields_words_tile(X, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS, GROUP,
+                                             BLOCK_K, UPCAST)
+                elif FIELDS:
                     acc = _fields_tile(X, XF, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS, GROUP,
                                        BLOCK_K, UPCAST, FIELDS)
                 else:

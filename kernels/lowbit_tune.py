@@ -9,7 +9,7 @@ both fills on first use by timing a short candidate list (gpu_time_us: cold L2, 
 hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tuned during CUDA-graph
 capture. The fused low-rank variant has entries of its own (key suffix |lr); bf16 reuses the fp16
 entry. A GEMM config may carry FIELDS (1, 2: the per-field kernel, kernels/lowbit_triton.py
-_fields_tile; absent or 0: the plain one). A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
+_fields_tile; 3: _fields_words_tile; absent or 0: the plain one). A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
 it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
 """
 
@@ -94,11 +94,11 @@ def _gemm_candidates(M, N, K, bits, sms, group=128):
     and split-K 2..16, 20-25% faster than the 16 x 128 / 4-warp tiles this list used to end at
     (benchmarks/2026-11-30-h200-lowbit-small-m-grid.json).
 
-    Up to M = 32, 2- and 4-bit, group 128: also the per-field GEMM (FIELDS, one scale per row and
-    128-wide K tile), whose packed tile crosses shared memory once; its best tiles are 64-128 rows
-    of W and 4-8 warps (wgmma), split-K 1-8: on an H200 W4 M=16 0.96-1.06x cuBLAS where the plain
-    GEMM gave 0.62-0.79x (benchmarks/2026-11-30-h200-lowbit-fields.json). 3-bit is left out: its
-    high-bit plane keeps triton from loading into the MMA layout, and it measured no faster."""
+    Up to M = 32, 2- and 4-bit: also the per-field GEMM (FIELDS, one scale per row and MMA), whose
+    packed tile crosses shared memory once; its best tiles are 64-128 rows of W and 4-8 warps
+    (wgmma), split-K 1-8: on an H200 W4 M=16 0.96-1.06x cuBLAS where the plain GEMM gave 0.62-0.79x
+    (benchmarks/2026-11-30-h200-lowbit-fields.json). 3-bit is left out: its high-bit plane keeps
+    triton from loading into the MMA layout, and it measured no faster."""
     vpw = 16 if bits in (2, 3) else 8
     out = []
     for bm in (16, 32, 64, 128):
@@ -128,16 +128,24 @@ def _gemm_candidates(M, N, K, bits, sms, group=128):
 
 
 def _fields_candidates(M, N, K, bits, sms, group):
-    if bits == 3 or group < 128 or pow2(M) > 32:
+    """FIELDS 1 and 2 (units of 8 fields, one group per 128-wide tile) need group 128; FIELDS 3
+    (32-bit words, one MMA per field and group) takes 4-bit at groups 32 and 64, where on an H200 it
+    beat every plain candidate (W4 g64 M=16 0.67-0.80x cuBLAS). At 2 bits it never won at g128
+    and was not timed at smaller groups, so it is left out there (it runs when a config names it).
+    benchmarks/2026-11-30-h200-lowbit-fields3.json."""
+    if bits == 3 or pow2(M) > 32:
         return []
+    variants = [(3, 128)] if bits == 4 and group < 128 else []
+    if group == 128:
+        variants += [(1, 128)] + ([(2, 128)] if bits == 2 else [])  # 2-bit half-words: x gathered, or reordered
     out = []
-    for bm in sorted({16, max(16, pow2(M))}):
-        for bn, warps in ((64, 4), (128, 4), (128, 8)):
-            for split in (1, 2, 4, 8):
-                if math.ceil(N / bn) * math.ceil(M / bm) * split > 16 * sms or K / split < 256:
-                    continue
-                for fields in ((1,) if bits == 4 else (1, 2)):  # 2-bit: x gathered 2 bytes at a time, or reordered
-                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, num_warps=warps, num_stages=3,
+    for fields, bk in variants:
+        for bm in sorted({16, max(16, pow2(M))}):
+            for bn, warps in ((64, 4), (128, 4), (128, 8)):
+                for split in (1, 2, 4, 8):
+                    if math.ceil(N / bn) * math.ceil(M / bm) * split > 16 * sms or K / split < 2 * bk:
+                        continue
+                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=3,
                                     FIELDS=fields))
     return out
 

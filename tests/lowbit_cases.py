@@ -100,6 +100,13 @@ def plan(device: str) -> list[dict]:
             out.append(dict(bits=bits, group=group, M=17, N=37, K=384, dtype=dtype, rank=40 if bits == 4 else 8, bias=True,
                             override={"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4,
                                                    num_stages=1, FIELDS=fields)}))
+        # FIELDS=3 (32-bit words, one MMA per field and group): 2 groups per 256-wide 2-bit tile, 4 per 4-bit
+        # tile at g32, and 3-bit (correct, though triton stages its tile)
+        for bits, group, bk, dtype, rank in ((2, 128, 256, torch.bfloat16, 8), (4, 32, 128, torch.float16, 0),
+                                             (3, 64, 256, torch.float16, 8)):
+            out.append(dict(bits=bits, group=group, M=17, N=37, K=3 * bk, dtype=dtype, rank=rank, bias=rank == 0,
+                            override={"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, SPLIT_K=2, num_warps=4,
+                                                   num_stages=1, FIELDS=3)}))
         for bits in (4, 3):  # the GEMV without its hand prefetch, several tiles per program
             out.append(dict(bits=bits, group=32, M=2, N=37, K=256, dtype=torch.float16, rank=8, bias=True, override={
                 "gemv": dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=2, num_warps=4, num_stages=1, PREFETCH=False)}))
@@ -128,6 +135,11 @@ def plan(device: str) -> list[dict]:
         for bits, group, dtype, rank in ((4, 128, torch.float16, 64), (3, 128, torch.bfloat16, 0), (2, 128, torch.bfloat16, 16)):
             out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 4,
                             override=override))
+    for bits, group, bk, dtype, rank, M in ((2, 128, 256, torch.float16, 64, 17), (4, 64, 128, torch.bfloat16, 16, 17),
+                                            (3, 128, 256, torch.bfloat16, 0, 30), (2, 32, 256, torch.bfloat16, 0, 30)):
+        out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 2,
+                        override={"gemm": dict(BLOCK_M=16 if M < 20 else 32, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=4,
+                                               num_warps=4, num_stages=3, FIELDS=3)}))
     return out
 
 

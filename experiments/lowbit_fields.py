@@ -26,6 +26,7 @@ import triton
 from kernels import bench_lowbit, lowbit, lowbit_tune
 from kernels.bench_lowbit import gpu_time_us, make_weight
 from kernels.lowbit_format import dequantize_groups, unpack
+from experiments.lowbit_small_m import rel_err, time_configs
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 
@@ -45,10 +46,6 @@ def fields_grid(M, bits):
                         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                                         num_stages=3, FIELDS=fields))
     return out
-
-
-def rel_err(y, ref):
-    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
 
 def compiled_gemm(cfg, x, packed, scale, zero, bits):
@@ -87,15 +84,8 @@ def grid_rows(args):
             for m in args.m:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 ref = x.float() @ w_hat.t()
-                timed = []
-                for cfg in fields_grid(m, bits):
-                    run = lambda: lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm")
-                    try:
-                        err = rel_err(run(), ref)
-                        timed.append((triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median") * 1000, err, cfg))
-                    except Exception:  # noqa: BLE001 -- out of shared memory / registers
-                        continue
-                timed.sort(key=lambda t: t[0])
+                timed = time_configs(fields_grid(m, bits), lambda cfg: lowbit._forward(
+                    x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm"), ref)
                 shipped = lowbit_tune.tables().get(torch.cuda.get_device_name(), {}).get(
                     lowbit_tune.config_key("gemm", m, n, k, bits, 128))
                 t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)

@@ -52,6 +52,19 @@ def rel_err(y, ref):
     return ((y.float() - ref).abs().max() / ref.abs().max()).item()
 
 
+def time_configs(configs, run_cfg, ref):
+    """(do_bench us, rel err, cfg) for every config that runs, fastest first; run_cfg(cfg) launches one."""
+    timed = []
+    for cfg in configs:
+        run = lambda: run_cfg(cfg)
+        try:
+            err = rel_err(run(), ref)
+            timed.append((triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median") * 1000, err, cfg))
+        except Exception:  # noqa: BLE001 -- out of shared memory / registers
+            continue
+    return sorted(timed, key=lambda t: t[0])
+
+
 def grid_rows(args, sms):
     rows = []
     for n, k in SHAPES:
@@ -61,15 +74,8 @@ def grid_rows(args, sms):
             for m in args.m:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 ref = x.float() @ w_hat.t()
-                timed = []
-                for cfg in wide_grid(m, n, k, bits, sms):
-                    run = lambda: lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm")
-                    try:
-                        err = rel_err(run(), ref)
-                        timed.append((triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median") * 1000, err, cfg))
-                    except Exception:  # noqa: BLE001 -- out of shared memory / registers
-                        continue
-                timed.sort(key=lambda t: t[0])
+                timed = time_configs(wide_grid(m, n, k, bits, sms), lambda cfg: lowbit._forward(
+                    x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm"), ref)
                 shipped = lowbit_tune.tables().get(torch.cuda.get_device_name(), {}).get(
                     lowbit_tune.config_key("gemm", m, n, k, bits, 128))
                 t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)

@@ -29,6 +29,8 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
   unit load and tl.dot, triton loads the packed tile into the MMA operand layout itself and the
   fp16 tile never touches shared memory (W4 M=16 1.01-1.06x cuBLAS against 0.61-0.79x).
   FIELDS=2 reads x from a copy in field order (one small permute), FIELDS=1 gathers it in place.
+  Config key MMA=2 compiles it with mma.sync instead of wgmma (see _mma_version: triton serialises
+  wgmmas whose A operand is in registers).
   FIELDS=3 runs on 32-bit words at any width and group (one MMA per field and group, x rows of
   the tile's other groups masked): the tuner offers it for 4-bit at groups 32 and 64.
 - Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2- and 4-bit: 128) (kernels/lowbit_dequant.py): W_hat in x's dtype
@@ -59,7 +61,9 @@ denormal range) -- both far outside what activations do.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
@@ -111,6 +115,29 @@ def _field_order(x2d: torch.Tensor, bits: int) -> torch.Tensor:
     return x2d.view(M, K // 32, 2, 8, 2).permute(0, 3, 1, 4, 2).reshape(M, 8, K // 8)
 
 
+@contextlib.contextmanager
+def _mma_version(version: int):
+    """Compile inside with Hopper's wgmma (3) or with mma.sync (2: triton's DISABLE_MMA_V3, a
+    cache-invalidating variable, so the on-disk cache keeps the two apart; in memory the kernel's
+    MMA constexpr does). Triton 3.6 waits for each wgmma whose A operand sits in registers before
+    the next is issued: the per-field GEMM's eight MMAs per tile then run one at a time, where
+    mma.sync lets the hardware overlap them with the next field's dequantisation (H200, FIELDS at
+    M=16: W2 0.99-1.07x cuBLAS vs 0.83-0.97x, benchmarks/2026-11-30-h200-lowbit-mma-v2.json).
+    Read at compile time only; restored after every launch."""
+    if version == 3:
+        yield
+        return
+    old = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DISABLE_MMA_V3"]
+        else:
+            os.environ["DISABLE_MMA_V3"] = old
+
+
 def _upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and not x.is_cuda
 
@@ -151,14 +178,16 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
         blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK") and k != "BLOCK_M"}
         fields = cfg.get("FIELDS", 0) if kind == "gemm" else 0
         xs = (x2d, _field_order(x2d, bits) if fields == 2 else x2d) if kind == "gemm" else (x2d,)  # GEMM: X, XF
+        mma = cfg.get("MMA", 3) if kind == "gemm" else 3
         kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True)))
-                         if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields)))
-        kernel[(n_tprog + tiles * split,)](
-            *xs, packed, packed.view(torch.int16), scale, zero, bias if bias is not None else y,
-            down if has_lr else y, up if has_lr else y, t, y, ws, cnt, M, N, K, R, ts, x2d.stride(0), y.stride(0), packed.stride(0), n_tprog,
-            BITS=bits, GROUP=group, HAS_BIAS=bias is not None, HAS_LR=has_lr, BLOCK_M=bm, SPLIT_K=split,
-            BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(x2d), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **blocks, **extra, **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+                         if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma)))
+        with _mma_version(mma):
+            kernel[(n_tprog + tiles * split,)](
+                *xs, packed, packed.view(torch.int16), scale, zero, bias if bias is not None else y,
+                down if has_lr else y, up if has_lr else y, t, y, ws, cnt, M, N, K, R, ts, x2d.stride(0), y.stride(0),
+                packed.stride(0), n_tprog, BITS=bits, GROUP=group, HAS_BIAS=bias is not None, HAS_LR=has_lr, BLOCK_M=bm,
+                SPLIT_K=split, BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(x2d), num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"], **blocks, **extra, **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
 
     launch(cfg or config_for(kind, M, N, K, bits, group, x2d.device, launch, "|lr" if has_lr else ""))
     return y

@@ -335,7 +335,10 @@ if triton is not None:
     def _gemm_kernel(X, XF, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr):
+                     SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr,
+                     MMA: tl.constexpr):
+        """MMA (2 or 3) is read by the launcher, not here: it compiles MMA=2 with wgmma disabled
+        (kernels/lowbit.py _mma_version), and as a constexpr it keeps the two binaries apart."""
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:

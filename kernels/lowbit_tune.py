@@ -9,7 +9,8 @@ both fills on first use by timing a short candidate list (gpu_time_us: cold L2, 
 hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tuned during CUDA-graph
 capture. The fused low-rank variant has entries of its own (key suffix |lr); bf16 reuses the fp16
 entry. A GEMM config may carry FIELDS (1, 2: the per-field kernel, kernels/lowbit_triton.py
-_fields_tile; 3: _fields_words_tile; absent or 0: the plain one). A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
+_fields_tile; 3: _fields_words_tile; absent or 0: the plain one) and MMA (3, the default: wgmma
+where triton picks it; 2: mma.sync). A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
 it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
 """
 
@@ -132,7 +133,11 @@ def _fields_candidates(M, N, K, bits, sms, group):
     (32-bit words, one MMA per field and group) takes 4-bit at groups 32 and 64, where on an H200 it
     beat every plain candidate (W4 g64 M=16 0.67-0.80x cuBLAS). At 2 bits it never won at g128
     and was not timed at smaller groups, so it is left out there (it runs when a config names it).
-    benchmarks/2026-11-30-h200-lowbit-fields3.json."""
+    benchmarks/2026-11-30-h200-lowbit-fields3.json.
+
+    Each comes with wgmma (MMA 3) and with mma.sync (MMA 2, kernels/lowbit.py _mma_version): at
+    M=16 on an H200 the best mma.sync tile beat the best wgmma one by 3-20% at W2 and -2% to +7% at W4
+    (benchmarks/2026-11-30-h200-lowbit-mma-v2.json)."""
     if bits == 3 or pow2(M) > 32:
         return []
     variants = [(3, 128)] if bits == 4 and group < 128 else []
@@ -145,8 +150,9 @@ def _fields_candidates(M, N, K, bits, sms, group):
                 for split in (1, 2, 4, 8):
                     if math.ceil(N / bn) * math.ceil(M / bm) * split > 16 * sms or K / split < 2 * bk:
                         continue
-                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=3,
-                                    FIELDS=fields))
+                    for mma in (3, 2):
+                        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=3,
+                                        FIELDS=fields, MMA=mma))
     return out
 
 

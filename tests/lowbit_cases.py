@@ -94,12 +94,13 @@ def plan(device: str) -> list[dict]:
             "gemv": dict(BLOCK_N=16, BLOCK_KW=16, SPLIT_K=1, num_warps=4, num_stages=1)}))
         # the per-field GEMM (FIELDS): x gathered (1) or in field order (2); tile inside a group and
         # across groups (per-weight scales); a partial last tile (K = 384 = 3 tiles of 128)
-        for bits, group, dtype, fields in ((4, 128, torch.float16, 1), (3, 64, torch.bfloat16, 2),
-                                           (2, 128, torch.bfloat16, 1), (2, 32, torch.float16, 2)):
+        # (MMA=2, mma.sync on a GPU, runs the same code here: the launcher's environment switch)
+        for bits, group, dtype, fields, mma in ((4, 128, torch.float16, 1, 3), (3, 64, torch.bfloat16, 2, 3),
+                                                (2, 128, torch.bfloat16, 1, 2), (2, 32, torch.float16, 2, 3)):
             # rank 40 at 4 bits: a rank that is no power of two (the t-programs pad it to 64)
             out.append(dict(bits=bits, group=group, M=17, N=37, K=384, dtype=dtype, rank=40 if bits == 4 else 8, bias=True,
                             override={"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4,
-                                                   num_stages=1, FIELDS=fields)}))
+                                                   num_stages=1, FIELDS=fields, MMA=mma)}))
         # FIELDS=3 (32-bit words, one MMA per field and group): 2 groups per 256-wide 2-bit tile, 4 per 4-bit
         # tile at g32, and 3-bit (correct, though triton stages its tile)
         for bits, group, bk, dtype, rank in ((2, 128, 256, torch.bfloat16, 8), (4, 32, 128, torch.float16, 0),
@@ -131,7 +132,12 @@ def plan(device: str) -> list[dict]:
     # the per-field GEMM: mma.sync (16 x 16, 2 warps) and wgmma (64-row, 4 warps) tiles, both x orders, every width
     for override, M in [({"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=3, FIELDS=1)}, 17),
                         ({"gemm": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=3, FIELDS=2)}, 17),
-                        ({"gemm": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=8, num_stages=3, FIELDS=1)}, 70)]:
+                        ({"gemm": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=8, num_stages=3, FIELDS=1)}, 70),
+                        # mma.sync at 4 and 8 warps (MMA=2: wgmma disabled while compiling)
+                        ({"gemm": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=8, num_stages=3, FIELDS=2,
+                                       MMA=2)}, 17),
+                        ({"gemm": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3, FIELDS=1,
+                                       MMA=2)}, 30)]:
         for bits, group, dtype, rank in ((4, 128, torch.float16, 64), (3, 128, torch.bfloat16, 0), (2, 128, torch.bfloat16, 16)):
             out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 4,
                             override=override))
@@ -139,7 +145,7 @@ def plan(device: str) -> list[dict]:
                                             (3, 128, 256, torch.bfloat16, 0, 30), (2, 32, 256, torch.bfloat16, 0, 30)):
         out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 2,
                         override={"gemm": dict(BLOCK_M=16 if M < 20 else 32, BLOCK_N=128, BLOCK_K=bk, SPLIT_K=4,
-                                               num_warps=4, num_stages=3, FIELDS=3)}))
+                                               num_warps=4, num_stages=3, FIELDS=3, MMA=2 if bits == 4 else 3)}))
     return out
 
 

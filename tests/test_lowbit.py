@@ -60,6 +60,34 @@ def test_fused_low_rank_configs_are_tuned_apart_and_fall_back_to_the_plain_entry
     assert {c["PREFETCH"] for c in tuned[0]} == {True, False} and len(tuned[0]) == 24
 
 
+def test_mma_v2_compiles_with_wgmma_disabled_and_leaves_the_environment_as_it_was(monkeypatch):
+    import os
+
+    from kernels import lowbit, lowbit_tune
+    seen = []
+
+    class Kernel:  # records the variable as triton would read it while compiling
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append((kw["MMA"], os.environ.get("DISABLE_MMA_V3")))
+
+    monkeypatch.setattr(lowbit, "_gemm_kernel", Kernel())
+    monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
+    x, packed = torch.zeros(16, 128, dtype=torch.float16), torch.zeros(8, 16, dtype=torch.int32)
+    scale, zero = torch.ones(8, 1, dtype=torch.float16), torch.zeros(8, 1, dtype=torch.float16)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3, FIELDS=1)
+    for mma in (2, 3):
+        lowbit._forward(x, packed, scale, zero, 4, 128, None, None, None, cfg=dict(cfg, MMA=mma), kind="gemm")
+    lowbit._forward(x, packed, scale, zero, 4, 128, None, None, None, cfg=cfg, kind="gemm")  # no key: wgmma
+    assert seen == [(2, "1"), (3, None), (3, None)] and "DISABLE_MMA_V3" not in os.environ
+    monkeypatch.setenv("DISABLE_MMA_V3", "0")  # a user's own setting survives
+    lowbit._forward(x, packed, scale, zero, 4, 128, None, None, None, cfg=dict(cfg, MMA=2), kind="gemm")
+    assert seen[-1] == (2, "1") and os.environ["DISABLE_MMA_V3"] == "0"
+    # the tuner offers every per-field tile with both instructions
+    fields = [c for c in lowbit_tune._gemm_candidates(16, 4096, 4096, 2, 132, 128) if c.get("FIELDS")]
+    assert fields and {c["MMA"] for c in fields} == {2, 3}
+    assert len({tuple(sorted((k, v) for k, v in c.items() if k != "MMA")) for c in fields}) * 2 == len(fields)
+
+
 def test_dispatch_follows_the_measured_crossovers():
     from kernels.lowbit import GEMV_MAX_M, kernel_kind
     assert kernel_kind(1, 4) == kernel_kind(GEMV_MAX_M, 2) == "gemv"

@@ -75,38 +75,44 @@ def ir_stats(cfg, x, packed, scale, zero, bits):
                 wgmma="warp_group_dot" in ir, n_regs=kernel.n_regs, shared_bytes=kernel.metadata.shared)
 
 
-def grid_rows(args):
-    rows = []
-    for n, k in SHAPES:
-        for bits in args.bits:
+def problems(shapes, bits_list, ms):
+    """(n, k, bits, m, w16, packed, scale, zero, x, ref) for every point, g128, fp16 x; one weight
+    per shape and width, freed before the next."""
+    for n, k in shapes:
+        for bits in bits_list:
             w16, packed, scale, zero = make_weight(n, k, bits, 128)
             w_hat = dequantize_groups(unpack(packed, bits, k), scale, zero, 128)
-            for m in args.m:
+            for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                ref = x.float() @ w_hat.t()
-                timed = time_configs(fields_grid(m, bits), lambda cfg: lowbit._forward(
-                    x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm"), ref)
-                shipped = lowbit_tune.tables().get(torch.cuda.get_device_name(), {}).get(
-                    lowbit_tune.config_key("gemm", m, n, k, bits, 128))
-                t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)
-                best = []
-                if shipped is None:  # no table entry (3-bit on the H200): the tuner's pick among the plain candidates
-                    lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, kind="gemm")
-                    shipped = lowbit_tune.tables()[torch.cuda.get_device_name()][
-                        lowbit_tune.config_key("gemm", m, n, k, bits, 128)]
-                for t_bench, err, cfg in timed[:3] + [(0, None, shipped)]:
-                    run = lambda: lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm")
-                    err = rel_err(run(), ref) if err is None else err
-                    t = gpu_time_us(run, args.reps)
-                    best.append(dict(cfg=cfg, us=t, ratio=t_cublas / t, do_bench_us=t_bench, rel_err=err))
-                row = dict(n=n, k=k, bits=bits, m=m, cublas_us=t_cublas, best=best, n_configs=len(timed),
-                           max_rel_err=max(e for _, e, _ in timed), top10=[(round(t, 1), c) for t, _, c in timed[:10]])
-                rows.append(row)
-                print(f"{n}x{k} W{bits} M={m}: cuBLAS {t_cublas:.1f} us | "
-                      + " | ".join(f"{b['us']:.1f} us {b['ratio']:.2f}x {bench_lowbit._short(b['cfg'])}" for b in best)
-                      + f" | max err {row['max_rel_err']:.1e}", flush=True)
+                yield n, k, bits, m, w16, packed, scale, zero, x, x.float() @ w_hat.t()
             del w16, packed, scale, zero, w_hat
             torch.cuda.empty_cache()
+
+
+def grid_rows(args):
+    rows = []
+    for n, k, bits, m, w16, packed, scale, zero, x, ref in problems(SHAPES, args.bits, args.m):
+        timed = time_configs(fields_grid(m, bits), lambda cfg: lowbit._forward(
+            x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm"), ref)
+        shipped = lowbit_tune.tables().get(torch.cuda.get_device_name(), {}).get(
+            lowbit_tune.config_key("gemm", m, n, k, bits, 128))
+        t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)
+        best = []
+        if shipped is None:  # no table entry (3-bit on the H200): the tuner's pick among the plain candidates
+            lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, kind="gemm")
+            shipped = lowbit_tune.tables()[torch.cuda.get_device_name()][
+                lowbit_tune.config_key("gemm", m, n, k, bits, 128)]
+        for t_bench, err, cfg in timed[:3] + [(0, None, shipped)]:
+            run = lambda: lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm")
+            err = rel_err(run(), ref) if err is None else err
+            t = gpu_time_us(run, args.reps)
+            best.append(dict(cfg=cfg, us=t, ratio=t_cublas / t, do_bench_us=t_bench, rel_err=err))
+        row = dict(n=n, k=k, bits=bits, m=m, cublas_us=t_cublas, best=best, n_configs=len(timed),
+                   max_rel_err=max(e for _, e, _ in timed), top10=[(round(t, 1), c) for t, _, c in timed[:10]])
+        rows.append(row)
+        print(f"{n}x{k} W{bits} M={m}: cuBLAS {t_cublas:.1f} us | "
+              + " | ".join(f"{b['us']:.1f} us {b['ratio']:.2f}x {bench_lowbit._short(b['cfg'])}" for b in best)
+              + f" | max err {row['max_rel_err']:.1e}", flush=True)
     return rows
 
 

@@ -23,6 +23,11 @@ rank-64 correction +21-33% (M=1); PyTorch's int4 kernel at M=1 1.76-1.82x (ours 
 benchmarks/2026-11-30-h200-lowbit-fields-dispatch.json (the per-field GEMM): W4 M=8 1.07-1.15x, M=16
 1.01-1.06x, M=32 0.78-0.94x; W2 0.93-1.01x, 0.89-0.95x, 0.73-0.82x; fused correction at M=16 +13-26%. A kernel that only streams the packed bytes reaches 2.28-2.99x (W4) in this harness
 (benchmarks/2026-11-30-h200-lowbit-gemv-grid.json). Timings vary ~5-20% between machines of the pool.
+benchmarks/2026-11-30-h200-lowbit-mma-v2.json (per-field GEMM on mma.sync, 4 shapes incl. 1024x4096): W4
+M=8 1.11-1.19x, M=16 1.03-1.12x, M=32 0.83-0.95x; W2 0.92-1.12x, 0.98-1.07x, 0.75-0.99x.
+This harness isolates each call (cold L2, idle GPU before it); back to back in a CUDA graph cuBLAS
+runs 6-10 us faster per call and M=16 reads 0.80-0.95x on the 8B shapes
+(benchmarks/2026-11-30-h200-lowbit-graph-chain.json, experiments/lowbit_graph_chain.py).
 """
 
 from __future__ import annotations

@@ -21,6 +21,16 @@ from slimforge.evaluate.speed import decode_tokens_per_s, llama3_8b_shape
 from slimforge.quantized import pack_linears
 
 
+def dense_8b(layers: int = 32) -> LlamaForCausalLM:
+    """A Llama-3-8B-shaped model in bf16 on the GPU, random weights (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            return LlamaForCausalLM(llama3_8b_shape(layers)).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,11 +39,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256, help="decoded tokens per measurement")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        dense = LlamaForCausalLM(llama3_8b_shape(args.layers)).eval()
-    torch.set_default_dtype(torch.float32)
+    dense = dense_8b(args.layers)
     gpu = torch.cuda.get_device_name()
     batches = (1, 16)
     results = {"gpu": gpu, "group": args.group, "rows": []}

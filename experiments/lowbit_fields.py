@@ -1,4 +1,4 @@
-"""Issue 19 probe: the GEMM with per-field MMAs (FIELDS, kernels/lowbit_triton.py _fields_tile) at
+"""Issue 19 probe: the GEMM with per-field MMAs (FIELDS, kernels/lowbit_tiles.py _fields_tile) at
 M = 16..64, against the shipped GEMM config and cuBLAS fp16, on this GPU.
 
     python -m experiments.lowbit_fields --out fields.json [--m 16 64] [--reps 30]

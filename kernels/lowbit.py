@@ -107,7 +107,7 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
 
 def _field_order(x2d: torch.Tensor, bits: int) -> torch.Tensor:
     """x (M, K) as (M, 8, K/8): row f holds, for every packed unit c, the activation that field f of
-    unit c multiplies (the k map in lowbit_triton._fields_tile)."""
+    unit c multiplies (the k map in lowbit_tiles._fields_tile)."""
     M, K = x2d.shape
     if bits == 4:  # k = 32u + 4f + j, unit c = 4u + j
         return x2d.view(M, K // 32, 8, 4).transpose(1, 2).reshape(M, 8, K // 8)

@@ -8,7 +8,7 @@ cache ($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a 
 both fills on first use by timing a short candidate list (gpu_time_us: cold L2, launch cost
 hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tuned during CUDA-graph
 capture. The fused low-rank variant has entries of its own (key suffix |lr); bf16 reuses the fp16
-entry. A GEMM config may carry FIELDS (1, 2: the per-field kernel, kernels/lowbit_triton.py
+entry. A GEMM config may carry FIELDS (1, 2: the per-field kernel, kernels/lowbit_tiles.py
 _fields_tile; 3: _fields_words_tile; absent or 0: the plain one) and MMA (3, the default: wgmma
 where triton picks it; 2: mma.sync). A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
 it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +26,7 @@ import triton
 
 from kernels import bench_lowbit, lowbit
 from kernels.bench_lowbit import gpu_time_us, make_weight
-from experiments.lowbit_fields import compiled_gemm, problems
+from experiments.lowbit_fields import compile_gemm_grid, compiled_gemm, problems
 from experiments.lowbit_small_m import rel_err, time_configs
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
@@ -115,15 +113,7 @@ def main() -> None:
         return
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, "DISABLE_MMA_V3 =",
           os.environ.get("DISABLE_MMA_V3"), flush=True)
-    jobs = {}
-    for bits in args.bits:
-        for m in args.m:
-            for cfg in big_grid(m, args.grid):
-                jobs[(bits, tuple(sorted(cfg.items())))] = (4096, 4096, bits, 128, m, "gemm", cfg, 0)
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        errors = [e for e in pool.map(bench_lowbit._compile_job, list(jobs.values()), chunksize=1) if e]
-    print(f"compiled {len(jobs)} configs in {time.time() - t0:.0f}s, {len(errors)} failed", errors[:3], flush=True)
+    compile_gemm_grid(lambda m, bits: big_grid(m, args.grid), args.bits, args.m, args.workers)
     result = rows(args)
     with open(args.out, "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -48,6 +48,25 @@ def fields_grid(M, bits):
     return out
 
 
+def compile_jobs(jobs, workers: int) -> None:
+    """Compile bench_lowbit._compile_job tuples in `workers` processes (the timing loops then find
+    every binary in triton's cache); prints how many failed."""
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        errors = [e for e in pool.map(bench_lowbit._compile_job, list(jobs), chunksize=1) if e]
+    print(f"compiled {len(jobs)} configs in {time.time() - t0:.0f}s, {len(errors)} failed", errors[:3], flush=True)
+
+
+def compile_gemm_grid(grid, bits_list, ms, workers: int) -> None:
+    """Every GEMM config of grid(m, bits), once per binary: M, N, K are runtime arguments (M > 1)."""
+    jobs = {}
+    for bits in bits_list:
+        for m in ms:
+            for cfg in grid(m, bits):
+                jobs[(bits, tuple(sorted(cfg.items())))] = (4096, 4096, bits, 128, m, "gemm", cfg, 0)
+    compile_jobs(list(jobs.values()), workers)
+
+
 def compiled_gemm(cfg, x, packed, scale, zero, bits):
     """The CompiledKernel (TTGIR, registers, spills, shared memory) of this GEMM config."""
     orig = lowbit._gemm_kernel
@@ -134,15 +153,7 @@ def main() -> None:
                for bn, w in ((16, 2), (64, 4)) for f in (0, 1, 2)]
     for r in ir:
         print("ir", r, flush=True)
-    jobs = {}  # one per compiled binary: M, N, K are runtime arguments (M > 1 here)
-    for bits in args.bits:
-        for m in args.m:
-            for cfg in fields_grid(m, bits):
-                jobs[(bits, tuple(sorted(cfg.items())))] = (4096, 4096, bits, 128, m, "gemm", cfg, 0)
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        errors = [e for e in pool.map(bench_lowbit._compile_job, list(jobs.values()), chunksize=1) if e]
-    print(f"compiled {len(jobs)} configs in {time.time() - t0:.0f}s, {len(errors)} failed", errors[:3], flush=True)
+    compile_gemm_grid(fields_grid, args.bits, args.m, args.workers)
     rows = grid_rows(args)
     with open(args.out, "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import time
 
 import torch
 import torch.nn.functional as F
 
 from kernels import bench_lowbit, lowbit, lowbit_tune
 from kernels.bench_lowbit import gpu_time_us, make_weight
+from experiments.lowbit_fields import compile_jobs
 from experiments.lowbit_graph_chain import SHAPES, graph_us, pdl_patched
 
 
@@ -43,10 +42,7 @@ def main() -> None:
                 kind = lowbit.kernel_kind(m, bits)
                 for cfg in lowbit_tune.CANDIDATES[kind](m, n, k, bits, sms, 128):
                     jobs.setdefault((kind, bits, m == 1, tuple(sorted(cfg.items()))), (n, k, bits, 128, m, kind, cfg, 0))
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        errors = [e for e in pool.map(bench_lowbit._compile_job, list(jobs.values()), chunksize=1) if e]
-    print(f"compiled {len(jobs)} configs in {time.time() - t0:.0f}s, {len(errors)} failed", flush=True)
+    compile_jobs(list(jobs.values()), args.workers)
     rows = []
     for n, k in SHAPES:
         for bits in args.bits:

@@ -67,20 +67,22 @@ def compile_gemm_grid(grid, bits_list, ms, workers: int) -> None:
     compile_jobs(list(jobs.values()), workers)
 
 
-def compiled_gemm(cfg, x, packed, scale, zero, bits):
-    """The CompiledKernel (TTGIR, registers, spills, shared memory) of this GEMM config."""
-    orig = lowbit._gemm_kernel
+def compiled_gemm(cfg, x, packed, scale, zero, bits, kind="gemm"):
+    """The CompiledKernel (TTGIR, registers, spills, shared memory) of this GEMM (or, kind="gemv",
+    GEMV) config."""
+    attr = f"_{kind}_kernel"
+    orig = getattr(lowbit, attr)
     seen = []
 
     class Capture:  # kernel[grid](...) returns the CompiledKernel: keep it
         def __getitem__(self, grid):
             return lambda *a, **kw: seen.append(orig[grid](*a, **kw))
 
-    lowbit._gemm_kernel = Capture()
+    setattr(lowbit, attr, Capture())
     try:
-        lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm")
+        lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind=kind)
     finally:
-        lowbit._gemm_kernel = orig
+        setattr(lowbit, attr, orig)
     return seen[0]
 
 

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from kernels import bench_lowbit, lowbit, lowbit_tune
 from kernels.bench_lowbit import gpu_time_us, make_problem
+from experiments.lowbit_fields import compiled_gemm
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 
@@ -69,18 +70,7 @@ def gemv_grid(K, bits):
 
 
 def registers(cfg, x, packed, scale, zero, bits) -> int:
-    orig, seen = lowbit._gemv_kernel, []
-
-    class Capture:  # kernel[grid](...) returns the CompiledKernel
-        def __getitem__(self, grid):
-            return lambda *a, **kw: seen.append(orig[grid](*a, **kw))
-
-    lowbit._gemv_kernel = Capture()
-    try:
-        lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemv")
-    finally:
-        lowbit._gemv_kernel = orig
-    return seen[0].n_regs
+    return compiled_gemm(cfg, x, packed, scale, zero, bits, kind="gemv").n_regs
 
 
 def rows(args):

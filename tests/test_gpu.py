@@ -1,12 +1,13 @@
 """GPU-only checks (skipped without CUDA): the CUDA-graph decode path generates exactly what eager
 greedy decoding generates -- for stock models, for a pruned model (per-layer widths, a key/value
 cache of different widths per layer) and for a model whose linears are QuantLinear (the low-bit
-kernels inside the captured graph) -- and is faster."""
+kernels inside the captured graph), also with fused projections -- and is faster."""
 
 import pytest
 import torch
 
 from slimforge.evaluate.speed import decode_tokens_per_s, eager_decode, graph_decode
+from slimforge.fused_projections import fuse_projections
 from kernels.quant_linear import QuantLinear
 from slimforge.pruning import LayerPlan, PrunePlan, prune_model
 from tests.helpers import ARCHS, tiny_model
@@ -60,6 +61,20 @@ def test_graph_decode_matches_eager_on_a_pruned_model(arch, tokenizer):
 @pytest.mark.parametrize("bits, rank", [(4, 0), (2, 8)])
 def test_graph_decode_matches_eager_on_a_quantlinear_model(bits, rank, tokenizer):
     model = with_quant_linears(tiny_model("llama", tokenizer, seed=2), bits=bits, rank=rank).cuda()
+    eager, _ = eager_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
+    graph, _ = graph_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
+    assert torch.equal(eager, graph)
+
+
+@pytest.mark.parametrize("bits", [0, 4])  # 0: nn.Linear
+def test_graph_decode_matches_eager_with_fused_projections(bits, tokenizer):
+    model = tiny_model("llama", tokenizer, seed=2)
+    model = (with_quant_linears(model, bits=bits, rank=0) if bits else model).cuda()
+    ids = torch.randint(0, len(tokenizer), (3, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert fuse_projections(model) == 4
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-3, atol=1e-3)
     eager, _ = eager_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
     graph, _ = graph_decode(model, batch_size=3, prompt_len=7, new_tokens=20)
     assert torch.equal(eager, graph)

@@ -3,7 +3,8 @@ the per-GPU tables, and the tuner that fills them.
 
 Configs: a JSON table keyed by GPU name then by "kind|bits,group,N,K,M-bucket" (shipped in
 kernels/lowbit_configs.json: the benchmark's shapes on an H100 80GB HBM3 and an H200, triton 3.6; on
-the H200 also the Llama-8B k/v shape 1024x4096 that the decode benchmark tuned) and a per-user
+the H200 also the Llama-8B k/v shape 1024x4096 that the decode benchmark tuned, and at M=1 and 16 the
+fused q|k|v 6144x4096 and gate|up 28672x4096 of slimforge/fused_projections.py) and a per-user
 cache ($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a shape missing from
 both fills on first use by timing a short candidate list (gpu_time_us: cold L2, launch cost
 hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tuned during CUDA-graph

@@ -5,7 +5,9 @@
 A Llama-3-8B-shaped model (random weights: speed does not depend on them) in bf16, and copies
 whose decoder linears are QuantLinear on the low-bit kernels (embeddings and lm_head stay bf16,
 as in the quantize stage). Decode: greedy steps from a static KV cache, each replayed as one CUDA
-graph, batch 1 and 16. Also the 2-bit model with a rank-64 low-rank correction fused in.
+graph, batch 1 and 16. Also the 2-bit model with a rank-64 low-rank correction fused in, and each
+model with its q|k|v and gate|up projections fused into one matmul each (slimforge/fused_projections.py;
+the corrected model's projections cannot be, and bf16 gets the same fusion as a second baseline).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from slimforge.evaluate.speed import decode_tokens_per_s, llama3_8b_shape
+from slimforge.fused_projections import fuse_projections
 from slimforge.quantized import pack_linears
 
 
@@ -48,11 +51,16 @@ def main() -> None:
     print(f"{gpu}: decode tok/s, static cache + CUDA graph, prompt 128, {args.new} new tokens")
     print(f"{'model':22s} " + " ".join(f"{'b' + str(b):>16s}" for b in batches))
     print(f"{'bf16':22s} " + " ".join(f"{base[b]:9.1f} (1.00x)" for b in batches))
-    for bits, rank in ((4, 0), (2, 0), (2, 64)):
-        model = pack_linears(copy.deepcopy(dense), bits=bits, group=args.group, rank=rank)
+    for bits, rank, fuse in ((0, 0, True), (4, 0, False), (4, 0, True), (2, 0, False), (2, 0, True), (2, 64, False)):
+        model = copy.deepcopy(dense)
+        if bits:
+            model = pack_linears(model, bits=bits, group=args.group, rank=rank)
+        if fuse:
+            fuse_projections(model)
         torch.cuda.empty_cache()
         tok = {b: decode_tokens_per_s(model, batch_size=b, prompt_len=128, new_tokens=args.new)[0] for b in batches}
-        label = f"W{bits} g{args.group}" + (f" + rank {rank}" if rank else "")
+        label = (f"W{bits} g{args.group}" if bits else "bf16") + (f" + rank {rank}" if rank else "") + \
+            (" fused" if fuse else "")
         results["rows"].append({"model": label, **{f"b{b}": tok[b] for b in batches},
                                 **{f"speedup_b{b}": tok[b] / base[b] for b in batches}})
         print(f"{label:22s} " + " ".join(f"{tok[b]:9.1f} ({tok[b] / base[b]:.2f}x)" for b in batches))

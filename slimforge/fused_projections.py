@@ -18,7 +18,7 @@ keeps it until the others, called with the same tensor (same object, not modifie
 have sliced it, so the model's own forward code runs unchanged. A member called with any other
 input (or twice) recomputes, so results never depend on call order. Inference only: the fused layer is one
 parameter set (no adapters); layers with a low-rank correction or wrapped by PEFT are left alone.
-The packed format on disk is unchanged: fuse after loading.
+The packed format on disk is unchanged: fuse after loading (a fused model is for running, not saving).
 """
 
 from __future__ import annotations

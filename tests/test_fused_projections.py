@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kernels.quant_linear import QuantLinear
+from slimforge import SlimforgeError
 from slimforge.fused_projections import FusedProjection, ProjectionSlice, fuse_projections
 from tests.helpers import ARCHS, tiny_model
 from tests.test_gpu import uneven_prune, with_quant_linears
@@ -81,3 +82,12 @@ def test_members_in_any_order_and_inputs_changed_in_place():
         torch.testing.assert_close(parent.v_proj(x), layers[2](x))
         assert owner._pending is None  # every member read it: the output is not kept
         torch.testing.assert_close(parent.q_proj(x.clone()), layers[0](x))  # another tensor: recomputed
+
+
+def test_a_name_taken_by_something_else_is_an_error():
+    parent = torch.nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = (torch.nn.Linear(8, 4) for _ in range(3))
+    parent.qkv_proj = torch.nn.Identity()
+    with pytest.raises(SlimforgeError, match="already has an attribute 'qkv_proj'"):
+        fuse_projections(parent)
+    assert isinstance(parent.q_proj, torch.nn.Linear)  # left as it was

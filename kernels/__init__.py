@@ -5,7 +5,7 @@ reference runs on CPU (tests also run the kernels on CPU under TRITON_INTERPRET=
 - logsoftmax_stats: per-token log-prob, KL and entropy over large vocabularies, chunked.
 - lowbit (+ lowbit_format): packed 2/3/4-bit group-quantized matmul with a fused low-rank
   correction and an input gradient; quant_linear.QuantLinear replaces nn.Linear on it. lowbit_tune holds its
-  launch configs and tuner.
+  launch configs and tuner; lowbit_op registers it as the custom op torch.compile sees.
 - dispatch: where an op runs (Triton on CUDA / under the interpreter, else the reference).
 """
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels.dispatch import use_triton
 from kernels.lowbit import lowbit_linear
+from kernels.lowbit_op import lowbit_linear_op, needs_grad
 from kernels.lowbit_format import check_format, dequantize_groups, pack, packed_words, quantize_groups, unpack
 from kernels.reference import dense_lowbit_ref
 
@@ -144,11 +145,17 @@ class QuantLinear(nn.Module):
         if x.dtype == torch.float32:
             # An fp32 model (the embedded one) on CUDA: the kernels compute in fp16 with fp32
             # accumulation, and the result goes back to fp32 for the rest of the model.
-            bias = self.bias.half() if self.bias is not None else None
-            return lowbit_linear(x.half(), self.packed, self.scale, self.zero, self.bits, self.group,
-                                 self.out_features, self.down, self.up, bias).float()
+            return self._lowbit(x.half(), self.bias.half() if self.bias is not None else None).float()
+        return self._lowbit(x, self.bias)
+
+    def _lowbit(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The kernels; as the custom op while torch.compile traces a forward that needs no gradients
+        (one node in the compiled graph, kernels/lowbit_op.py)."""
+        if torch.compiler.is_compiling() and not needs_grad(x, self.down, self.up, bias):
+            return lowbit_linear_op(x, self.packed, self.scale, self.zero, self.bits, self.group, self.down, self.up,
+                                    bias)
         return lowbit_linear(x, self.packed, self.scale, self.zero, self.bits, self.group, self.out_features,
-                             self.down, self.up, self.bias)
+                             self.down, self.up, bias)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """x with zero columns up to packed_in_features (they meet the padded weight columns)."""

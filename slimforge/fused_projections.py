@@ -77,9 +77,13 @@ class ProjectionSlice(nn.Module):
 
 
 def _version(x: torch.Tensor) -> int:
+    """x's in-place version; -1 (identity alone decides) for inference-mode tensors, which keep no
+    counter, and under torch.compile, where the counter is not traceable."""
+    if torch.compiler.is_compiling():
+        return -1
     try:
         return x._version
-    except RuntimeError:  # inference-mode tensors keep no version counter: identity alone decides
+    except RuntimeError:
         return -1
 
 

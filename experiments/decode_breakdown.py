@@ -33,9 +33,11 @@ from stages.quantize.bench_speed import dense_8b
 
 
 @torch.no_grad()
-def step_graph(model, batch: int, prompt_len: int, max_new: int) -> torch.cuda.CUDAGraph:
+def step_graph(model, batch: int, prompt_len: int, max_new: int, step_forward=None) -> torch.cuda.CUDAGraph:
     """One decode step captured as a CUDA graph (the capture slimforge.evaluate.speed.graph_decode
-    makes); every replay advances the static cache by one token."""
+    makes); every replay advances the static cache by one token. `step_forward` (default: the model)
+    runs the decode steps, e.g. a torch.compile'd model; the prompt always runs eagerly."""
+    step_forward = model if step_forward is None else step_forward
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new + 1)
     kw = {cache_kwarg(model): cache}
     token = _next(model(input_ids=_prompt(model, batch, prompt_len), use_cache=True, **kw).logits)
@@ -44,12 +46,12 @@ def step_graph(model, batch: int, prompt_len: int, max_new: int) -> torch.cuda.C
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(WARMUP):
-            token.copy_(_next(model(input_ids=token, position_ids=position, use_cache=True, **kw).logits))
+            token.copy_(_next(step_forward(input_ids=token, position_ids=position, use_cache=True, **kw).logits))
             position += 1
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        token.copy_(_next(model(input_ids=token, position_ids=position, use_cache=True, **kw).logits))
+        token.copy_(_next(step_forward(input_ids=token, position_ids=position, use_cache=True, **kw).logits))
         position += 1  # captured too: a replay is a whole step
     return graph
 

@@ -56,8 +56,8 @@ def step_graph(model, batch: int, prompt_len: int, max_new: int, step_forward=No
     return graph
 
 
-def measure(model, batch: int, steps: int) -> dict:
-    graph = step_graph(model, batch, prompt_len=128, max_new=3 * steps + WARMUP + 2)
+def replay_us(graph: torch.cuda.CUDAGraph, steps: int) -> float:
+    """Microseconds per replay over `steps` replays (CUDA events), after one untimed replay."""
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -66,7 +66,12 @@ def measure(model, batch: int, steps: int) -> dict:
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    step_us = start.elapsed_time(end) * 1000 / steps
+    return start.elapsed_time(end) * 1000 / steps
+
+
+def measure(model, batch: int, steps: int) -> dict:
+    graph = step_graph(model, batch, prompt_len=128, max_new=3 * steps + WARMUP + 2)
+    step_us = replay_us(graph, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             graph.replay()

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from experiments.decode_breakdown import step_graph
+from experiments.decode_breakdown import replay_us, step_graph
 from slimforge.fused_projections import fuse_projections
 from slimforge.quantized import pack_linears
 from stages.quantize.bench_speed import dense_8b
@@ -34,15 +34,7 @@ def step_us(model, batch: int, steps: int, compiled: bool) -> tuple[float, float
     forward = torch.compile(model, fullgraph=True, dynamic=False) if compiled else None
     graph = step_graph(model, batch, prompt_len=128, max_new=2 * steps + 8, step_forward=forward)
     build_s = time.perf_counter() - start
-    graph.replay()
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) * 1000 / steps, build_s
+    return replay_us(graph, steps), build_s
 
 
 def main() -> None:

@@ -242,6 +242,10 @@ class _LowbitLinear(torch.autograd.Function):
         return dx, None, None, None, grad_b, grad_down, grad_up, None, None
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def lowbit_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                   group: int, out_features: int | None = None, down: torch.Tensor | None = None,
                   up: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,8 +291,7 @@ def lowbit_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, ze
         down, up = down.to(x.dtype).contiguous(), up.to(x.dtype).contiguous()
     if kernel_kind(x.numel() // K, bits) == "dequant":
         return dequant_linear(x, packed, scale, zero, bits, group, down, up, bias)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, down, up, bias))
-    if not grads:  # inference: skip autograd.Function's overhead (it matters at decode sizes)
+    if not needs_grad(x, down, up, bias):  # inference: skip autograd.Function's overhead (it matters at decode sizes)
         y = _forward(x.reshape(-1, K), packed, scale, zero, bits, group, down, up, bias)
         return y.view(*x.shape[:-1], N)
     return _LowbitLinear.apply(x, packed, scale, zero, bias, down, up, bits, group)

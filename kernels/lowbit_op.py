@@ -29,7 +29,3 @@ def lowbit_linear_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 @lowbit_linear_op.register_fake
 def _output_like(x, packed, scale, zero, bits, group, down, up, bias):
     return x.new_empty(*x.shape[:-1], packed.shape[0])
-
-
-def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

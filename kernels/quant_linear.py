@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from kernels.dispatch import use_triton
-from kernels.lowbit import lowbit_linear
-from kernels.lowbit_op import lowbit_linear_op, needs_grad
+from kernels.lowbit import lowbit_linear, needs_grad
+from kernels.lowbit_op import lowbit_linear_op
 from kernels.lowbit_format import check_format, dequantize_groups, pack, packed_words, quantize_groups, unpack
 from kernels.reference import dense_lowbit_ref
 

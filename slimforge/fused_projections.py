@@ -16,7 +16,8 @@ parent module (`qkv_proj`, `gate_up_proj`); each member becomes a ProjectionSlic
 columns of the fused output. The first member called with an input computes the fused product and
 keeps it until the others, called with the same tensor (same object, not modified in place since),
 have sliced it, so the model's own forward code runs unchanged. A member called with any other
-input (or twice) recomputes, so results never depend on call order. Inference only: the fused layer is one
+input (or twice) recomputes, so results never depend on call order. Under torch.compile the
+sharing is traced too (one matmul per group in the graph; identity alone decides there). Inference only: the fused layer is one
 parameter set (no adapters); layers with a low-rank correction or wrapped by PEFT are left alone.
 The packed format on disk is unchanged: fuse after loading (a fused model is for running, not saving).
 """

@@ -23,18 +23,25 @@ from slimforge.config import PROJECTIONS
 from stages.lora.bench_memory import build, llama32_1b_shape, train_step
 
 
+def warm_lora_model(config, kind: str):
+    """bench_memory's `kind` model (50% pruned) with rank-16 LoRA on every projection, its AdamW and a
+    batch of 8 x 512 random tokens, after three untimed steps (autotune, allocator)."""
+    model = add_lora(build(config, kind, 0.5), rank=16, alpha=32, targets=list(PROJECTIONS))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (8, 512), device="cuda")
+    for _ in range(3):
+        train_step(model, optimizer, ids)
+    return model, optimizer, ids
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
     config = llama32_1b_shape()
     for kind in ("loram", "qloram4"):
-        model = add_lora(build(config, kind, 0.5), rank=16, alpha=32, targets=list(PROJECTIONS))
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ids = torch.randint(0, config.vocab_size, (8, 512), device="cuda")
-        for _ in range(3):
-            train_step(model, opt, ids)
+        model, opt, ids = warm_lora_model(config, kind)
         torch.cuda.synchronize()
         before = torch.cuda.memory_stats()
         times = []

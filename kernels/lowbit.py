@@ -69,7 +69,7 @@ import torch
 
 from kernels.dispatch import use_triton
 from kernels.lowbit_dequant import dequant_linear
-from kernels.lowbit_format import check_format, packed_words
+from kernels.lowbit_format import check_lowbit_args
 from kernels.lowbit_triton import T_K, T_K_GEMM, T_ROWS, triton
 from kernels.lowbit_tune import config_for, pow2
 from kernels.reference import lowbit_matmul_ref
@@ -254,43 +254,23 @@ def lowbit_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, ze
     x (..., K) fp16/bf16 (fp32 too off CUDA); packed int32 (N, K*bits/32); scale, zero fp16 (N, K/group);
     down (r, K), up (N, r): PEFT lora_A / lora_B with the LoRA scaling already folded in; bias (N,).
     Returns (..., N) in x's dtype. Differentiable in x, down, up, bias."""
-    check_format(bits, group)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
+    check_lowbit_args(x, packed, scale, zero, bits, group, out_features, down, up, bias)
+    return lowbit_linear_checked(x, packed, scale, zero, bits, group, down, up, bias)
+
+
+def lowbit_linear_checked(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                          group: int, down: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """lowbit_linear for arguments check_lowbit_args has passed (QuantLinear checks its own once per set of
+    tensors: on the GPU host the checks cost about what the dequantise launch does, per layer call)."""
     K = x.shape[-1]
-    check_format(bits, group, K)
-    if K % 32:
-        raise ValueError(f"in_features {K} must be a multiple of 32")
-    N = packed.shape[0] if packed.dim() == 2 else -1
-    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != packed_words(bits, K):
-        raise ValueError(f"packed must be int32 of shape (out_features, {packed_words(bits, K)}) for {bits}-bit "
-                         f"in_features={K}, got {packed.dtype} {tuple(packed.shape)}")
-    if out_features is not None and out_features != N:
-        raise ValueError(f"out_features {out_features} does not match packed rows {N}")
-    for name, t in (("scale", scale), ("zero", zero)):
-        if t.dtype != torch.float16 or tuple(t.shape) != (N, K // group):
-            raise ValueError(f"{name} must be fp16 of shape ({N}, {K // group}), got {t.dtype} {tuple(t.shape)}")
-    if (down is None) != (up is None):
-        raise ValueError("down and up must be given together (or neither)")
-    if down is not None:
-        if down.dim() != 2 or down.shape[1] != K or up.dim() != 2 or up.shape[0] != N or up.shape[1] != down.shape[0]:
-            raise ValueError(f"low-rank factors must be down (r, {K}) and up ({N}, r), got "
-                             f"{tuple(down.shape)} and {tuple(up.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    others = [t for t in (packed, scale, zero, down, up, bias) if t is not None]
-    if any(t.device != x.device for t in others):
-        raise ValueError(f"all tensors must be on x's device {x.device}")
     if not use_triton(x):
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
         return lowbit_matmul_ref(x, packed, scale, zero, bits, group, down, up, bias)
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the low-bit kernels take fp16 or bf16 activations, got {x.dtype}")
     if down is not None:  # the kernels read the factors in x's dtype; autograd undoes the cast
         down, up = down.to(x.dtype).contiguous(), up.to(x.dtype).contiguous()
     if kernel_kind(x.numel() // K, bits) == "dequant":
         return dequant_linear(x, packed, scale, zero, bits, group, down, up, bias)
+    N = packed.shape[0]
     if not needs_grad(x, down, up, bias):  # inference: skip autograd.Function's overhead (it matters at decode sizes)
         y = _forward(x.reshape(-1, K), packed, scale, zero, bits, group, down, up, bias)
         return y.view(*x.shape[:-1], N)

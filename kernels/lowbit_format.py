@@ -158,3 +158,43 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
         hi = _unpack_plane(packed[:, in_features // 16:], 1, 2)
         return (lo | (hi << 2)).to(torch.uint8)
     return _unpack_plane(packed, bits, bits).to(torch.uint8)
+
+
+def check_lowbit_args(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+               group: int, out_features: int | None = None, down: torch.Tensor | None = None,
+               up: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    """kernels.lowbit.lowbit_linear's argument checks: one-line errors naming what is wrong and what is allowed."""
+    check_format(bits, group)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    K = x.shape[-1]
+    check_format(bits, group, K)
+    if K % 32:
+        raise ValueError(f"in_features {K} must be a multiple of 32")
+    N = packed.shape[0] if packed.dim() == 2 else -1
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != packed_words(bits, K):
+        raise ValueError(f"packed must be int32 of shape (out_features, {packed_words(bits, K)}) for {bits}-bit "
+                         f"in_features={K}, got {packed.dtype} {tuple(packed.shape)}")
+    if out_features is not None and out_features != N:
+        raise ValueError(f"out_features {out_features} does not match packed rows {N}")
+    for name, t in (("scale", scale), ("zero", zero)):
+        if t.dtype != torch.float16 or tuple(t.shape) != (N, K // group):
+            raise ValueError(f"{name} must be fp16 of shape ({N}, {K // group}), got {t.dtype} {tuple(t.shape)}")
+    if (down is None) != (up is None):
+        raise ValueError("down and up must be given together (or neither)")
+    if down is not None:
+        if down.dim() != 2 or down.shape[1] != K or up.dim() != 2 or up.shape[0] != N or up.shape[1] != down.shape[0]:
+            raise ValueError(f"low-rank factors must be down (r, {K}) and up ({N}, r), got "
+                             f"{tuple(down.shape)} and {tuple(up.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    others = [t for t in (packed, scale, zero, down, up, bias) if t is not None]
+    if any(t.device != x.device for t in others):
+        raise ValueError(f"all tensors must be on x's device {x.device}")
+    from kernels.dispatch import use_triton  # torch-only here otherwise; dispatch imports triton
+
+    if not use_triton(x):
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    elif x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the low-bit kernels take fp16 or bf16 activations, got {x.dtype}")

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from kernels.dispatch import use_triton
-from kernels.lowbit import lowbit_linear, needs_grad
+from kernels.lowbit import lowbit_linear_checked, needs_grad
 from kernels.lowbit_op import lowbit_linear_op
-from kernels.lowbit_format import check_format, dequantize_groups, pack, packed_words, quantize_groups, unpack
+from kernels.lowbit_format import (check_format, check_lowbit_args, dequantize_groups, pack, packed_words,
+                                   quantize_groups, unpack)
 from kernels.reference import dense_lowbit_ref
 
 
@@ -151,11 +152,23 @@ class QuantLinear(nn.Module):
     def _lowbit(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The kernels; as the custom op while torch.compile traces a forward that needs no gradients
         (one node in the compiled graph, kernels/lowbit_op.py)."""
-        if torch.compiler.is_compiling() and not needs_grad(x, self.down, self.up, bias):
-            return lowbit_linear_op(x, self.packed, self.scale, self.zero, self.bits, self.group, self.down, self.up,
-                                    bias)
-        return lowbit_linear(x, self.packed, self.scale, self.zero, self.bits, self.group, self.out_features,
-                             self.down, self.up, bias)
+        packed, scale, zero, down, up = self.packed, self.scale, self.zero, self.down, self.up
+        if torch.compiler.is_compiling():  # checks run at trace time only: no state to keep
+            if not needs_grad(x, down, up, bias):
+                return lowbit_linear_op(x, packed, scale, zero, self.bits, self.group, down, up, bias)
+            check_lowbit_args(x, packed, scale, zero, self.bits, self.group, self.out_features, down, up, bias)
+            return lowbit_linear_checked(x, packed, scale, zero, self.bits, self.group, down, up, bias)
+        # lowbit_linear's argument checks cost about what the dequantise launch does on a GPU host (and
+        # QLoRAM's training step is host-bound, benchmarks/2026-11-30-h200-qloram-host-bound.json): run
+        # them once per set of tensors (held here, so no id is reused while they are compared; dropped
+        # by _apply) and x's dtype and device; forward checks x's width
+        tensors = (packed, scale, zero, down, up, bias)
+        checked = self.__dict__.get("_checked")
+        if (checked is None or checked[1] != x.dtype or checked[2] != x.get_device()
+                or any(a is not b for a, b in zip(checked[0], tensors))):
+            check_lowbit_args(x, packed, scale, zero, self.bits, self.group, self.out_features, down, up, bias)
+            self.__dict__["_checked"] = (tensors, x.dtype, x.get_device())
+        return lowbit_linear_checked(x, packed, scale, zero, self.bits, self.group, down, up, bias)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """x with zero columns up to packed_in_features (they meet the padded weight columns)."""
@@ -192,6 +205,7 @@ class QuantLinear(nn.Module):
         sent to the GPU does not keep it alive."""
         self.__dict__.pop("_dense", None)
         self.__dict__.pop("_dense_src", None)
+        self.__dict__.pop("_checked", None)  # nor the old tensors' identities (it would keep them alive)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

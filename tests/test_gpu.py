@@ -85,3 +85,25 @@ def test_graph_decode_is_faster_than_eager(tokenizer):
     graph, mode = decode_tokens_per_s(model, new_tokens=64)
     eager, _ = decode_tokens_per_s(model, new_tokens=64, cuda_graph=False)
     assert mode == "cuda-graph" and graph > 1.5 * eager
+
+
+@pytest.mark.parametrize("bits, group, rows, k, offset", [(4, 128, 64, 4096, 0), (2, 32, 37, 96, 1), (4, 32, 37, 96, 1)])
+def test_dequantize_direct_launch_matches_triton_launch_and_reference(bits, group, rows, k, offset):
+    """The compiled-kernel cache (kernels.lowbit_dequant.DIRECT_LAUNCH) keys on what triton specialises:
+    row views starting 8 bytes into a 16-byte block (offset 1 at 2-bit K=96: 24-byte rows) must get
+    a kernel of their own, and every launch must give the reference's W_hat."""
+    import kernels.lowbit_dequant as dequant
+    from kernels.lowbit_format import dequantize_groups, pack, quantize_groups, unpack
+
+    q, s, z = quantize_groups(torch.randn(rows + offset, k), bits, group)
+    packed, scale, zero = pack(q, bits).cuda()[offset:], s.cuda()[offset:], z.cuda()[offset:]
+    ref = dequantize_groups(unpack(packed, bits, k), scale, zero, group)
+    for dtype in (torch.float16, torch.bfloat16):
+        first = dequant.dequantize(packed, scale, zero, bits, group, k, dtype)  # compiles, caches
+        direct = dequant.dequantize(packed, scale, zero, bits, group, k, dtype)
+        dequant.DIRECT_LAUNCH = False
+        try:
+            jit = dequant.dequantize(packed, scale, zero, bits, group, k, dtype)
+        finally:
+            dequant.DIRECT_LAUNCH = True
+        assert torch.equal(first, ref.to(dtype)) and torch.equal(direct, first) and torch.equal(jit, first)

@@ -161,8 +161,8 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
 
 
 def check_lowbit_args(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-               group: int, out_features: int | None = None, down: torch.Tensor | None = None,
-               up: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+                      group: int, out_features: int | None = None, down: torch.Tensor | None = None,
+                      up: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
     """kernels.lowbit.lowbit_linear's argument checks: one-line errors naming what is wrong and what is allowed."""
     check_format(bits, group)
     if x.dim() < 1:

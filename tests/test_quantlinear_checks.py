@@ -10,26 +10,22 @@ from kernels.quant_linear import QuantLinear
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    """QuantLinear._lowbit with the kernels replaced by x @ W_hat^T and its check calls counted."""
-    calls = []
+def calls(monkeypatch):
+    """The x dtypes QuantLinear._lowbit ran its checks for (the kernels themselves replaced by a no-op)."""
+    seen = []
     real_check = quant_linear.check_lowbit_args
 
     def check(*args, **kwargs):
-        calls.append(args[0].dtype)
+        seen.append(args[0].dtype)
         return real_check(*args, **kwargs)
 
     monkeypatch.setattr(quant_linear, "check_lowbit_args", check)
-    monkeypatch.setattr(quant_linear, "lowbit_linear_checked",
-                        lambda x, packed, scale, zero, bits, group, down, up, bias: x.float() @ layer_weight[0].t())
-    layer_weight = []
-    return calls, layer_weight
+    monkeypatch.setattr(quant_linear, "lowbit_linear_checked", lambda x, *rest: x)
+    return seen
 
 
-def test_checks_run_once_per_set_of_tensors_and_again_when_one_changes(counted):
-    calls, layer_weight = counted
+def test_checks_run_once_per_set_of_tensors_and_again_when_one_changes(calls):
     layer = QuantLinear.from_linear(nn.Linear(256, 10, bias=False), bits=4, group=128)
-    layer_weight.append(layer.dequantized_weight())
     x = torch.randn(3, 256, dtype=torch.float16)
     for _ in range(3):
         layer._lowbit(x, None)
@@ -41,10 +37,8 @@ def test_checks_run_once_per_set_of_tensors_and_again_when_one_changes(counted):
         layer._lowbit(x, None)
 
 
-def test_moving_or_casting_drops_the_checked_tensors(counted):
-    calls, layer_weight = counted
+def test_moving_or_casting_drops_the_checked_tensors(calls):
     layer = QuantLinear.from_linear(nn.Linear(256, 10), bits=4, group=128)
-    layer_weight.append(layer.dequantized_weight())
     x = torch.randn(3, 256, dtype=torch.float16)
     layer._lowbit(x, layer.bias)
     assert "_checked" in layer.__dict__

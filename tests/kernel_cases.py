@@ -5,6 +5,7 @@ and directly on a GPU. `python -m tests.kernel_cases cpu|cuda` prints one line p
 from __future__ import annotations
 
 import sys
+import zlib
 
 import torch
 
@@ -21,7 +22,9 @@ def cases(device: str) -> list[str]:
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
     for shape in shapes:
         for dtype in dtypes:
-            gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+            # a stable seed per case: hash() of a str changes with every process (PYTHONHASHSEED), so
+            # the inputs did too, and one draw in a few hundred put an fp32 KL gradient past its tolerance
+            gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype))).encode()))
             p = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
             q = (torch.randn(shape, generator=gen) * 3).to(device, dtype)
             if len(shape) == 2 and shape[0] > 2:

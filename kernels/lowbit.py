@@ -33,6 +33,12 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
   wgmmas whose A operand is in registers).
   FIELDS=3 runs on 32-bit words at any width and group (one MMA per field and group, x rows of
   the tile's other groups masked): the tuner offers it for 4-bit at groups 32 and 64.
+  Un-swapped variant (config key NT, from M = 17): x's tile is the MMA's A operand and the weight
+  tile, dequantised k-major (lowbit_tiles._dequant_kn), is B; both sit in shared memory, so wgmma
+  need not wait for a register operand before the next tile. On an H200 it is the tuner's pick
+  at M = 64 on every Llama-8B shape (W4 0.66-0.89x cuBLAS, was 0.43-0.56x) and at M = 32 on
+  five of eight; past M = 128 re-dequantising W per M tile loses to dequantise + cuBLAS
+  (benchmarks/2026-12-01-h200-lowbit-nt-gemm.json).
 - Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2- and 4-bit: 128) (kernels/lowbit_dequant.py): W_hat in x's dtype
   from one coalesced Triton pass, then cuBLAS; dx the same way in backward (W_hat recomputed, not
   saved). The fused kernels below stay for smaller M and for 3-bit weights.
@@ -180,7 +186,7 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
         xs = (x2d, _field_order(x2d, bits) if fields == 2 else x2d) if kind == "gemm" else (x2d,)  # GEMM: X, XF
         mma = cfg.get("MMA", 3) if kind == "gemm" else 3
         kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True)))
-                         if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma)))
+                         if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma, NT=cfg.get("NT", 0))))
         with _mma_version(mma):
             kernel[(n_tprog + tiles * split,)](
                 *xs, packed, packed.view(torch.int16), scale, zero, bias if bias is not None else y,

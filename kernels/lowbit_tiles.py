@@ -1,6 +1,7 @@
 """Device helpers of the low-bit matmul (kernels/lowbit_triton.py holds the kernels that call them):
 load a tile of the packed weight and dequantise it -- per unit for the GEMV, to an fp16/bf16 tile for
-the plain GEMM and dx, one field position per MMA for the per-field GEMM (FIELDS). kernels/lowbit.py
+the plain GEMM and dx ([n, k]; k-major for the un-swapped NT GEMM), one field position per MMA for the
+per-field GEMM (FIELDS). kernels/lowbit.py
 documents the method.
 """
 
@@ -80,6 +81,30 @@ if triton is not None:
             q = q | (((tl.reshape(h, (BLOCK_N, BLOCK_KW // U, 1, U)) >> field) & 1) << 2)
         v = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)
         return tl.reshape((v * s).to(dtype), (BLOCK_N, BLOCK_KW * VPW))
+
+    @triton.jit
+    def _dequant_kn(P, P16, S, Z, n, kw0, N, K, stride_p, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, dtype: tl.constexpr):
+        """_dequant's tile transposed, built k-major: W_hat[n, k-tile]^T as [32*BLOCK_KW/U, BLOCK_N],
+        the B operand of the un-swapped GEMM (NT). Dequantising [n, k] and transposing it instead
+        fails to compile in triton 3.6 (TritonGPUOptimizeDotOperands)."""
+        LO: tl.constexpr = 2 if BITS == 3 else BITS
+        VPW: tl.constexpr = 32 // LO
+        U: tl.constexpr = LO
+        KW = K // VPW
+        kw = kw0 + tl.arange(0, BLOCK_KW)
+        mask = (kw < KW)[:, None] & (n < N)[None, :]
+        w = tl.reshape(tl.load(P + n[None, :] * stride_p + kw[:, None], mask=mask, other=0), (BLOCK_KW // U, 1, U, BLOCK_N))
+        grp = n[None, :] * (K // GROUP) + (kw // U * 32 // GROUP)[:, None]
+        s = tl.reshape(tl.load(S + grp, mask=mask, other=0.0).to(tl.float32), (BLOCK_KW // U, 1, U, BLOCK_N))
+        z = tl.reshape(tl.load(Z + grp, mask=mask, other=0.0).to(tl.float32), (BLOCK_KW // U, 1, U, BLOCK_N))
+        field = tl.arange(0, VPW)[None, :, None, None]
+        q = (w >> (field * LO)) & ((1 << LO) - 1)  # [unit, i, j, n] = weight 32*unit + U*i + j of row n
+        if BITS == 3:
+            h = tl.load(P16 + n[None, :] * (2 * stride_p) + 2 * KW + kw[:, None], mask=mask, other=0).to(tl.int32)
+            q = q | (((tl.reshape(h, (BLOCK_KW // U, 1, U, BLOCK_N)) >> field) & 1) << 2)
+        v = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)
+        return tl.reshape((v * s).to(dtype), (BLOCK_KW * VPW, BLOCK_N))
 
     @triton.jit
     def _fields_tile(X, XF, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS: tl.constexpr,

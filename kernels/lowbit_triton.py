@@ -17,7 +17,7 @@ T_K_GEMM = 1024  # GEMM-mode t-program: K-slice per program
 
 
 if triton is not None:
-    from kernels.lowbit_tiles import _dequant, _field, _fields_tile, _fields_words_tile, _gemv_tile, _mma
+    from kernels.lowbit_tiles import _dequant, _dequant_kn, _field, _fields_tile, _fields_words_tile, _gemv_tile, _mma
 
     _T_ROWS, _T_K, _T_K_GEMM = tl.constexpr(T_ROWS), tl.constexpr(T_K), tl.constexpr(T_K_GEMM)
     _SLOTS = tl.constexpr(32)  # counter slots, see _epilogue
@@ -179,9 +179,11 @@ if triton is not None:
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr,
-                     MMA: tl.constexpr):
+                     MMA: tl.constexpr, NT: tl.constexpr):
         """MMA (2 or 3) is read by the launcher, not here: it compiles MMA=2 with wgmma disabled
-        (kernels/lowbit.py _mma_version), and as a constexpr it keeps the two binaries apart."""
+        (kernels/lowbit.py _mma_version), and as a constexpr it keeps the two binaries apart.
+        NT: the product un-swapped, x tile as the MMA's A operand and the k-major dequantised
+        weight tile as B, both in shared memory (kernels/lowbit.py says when that wins)."""
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
@@ -195,9 +197,16 @@ if triton is not None:
             n = (tile // n_m) * BLOCK_N + tl.arange(0, BLOCK_N)
             m = (tile % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
             span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_N) if NT else (BLOCK_N, BLOCK_M), tl.float32)
             for k0 in range(pid_k * span, tl.minimum(pid_k * span + span, K), BLOCK_K):
-                if FIELDS == 3:
+                if NT:
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
+                                other=0.0)
+                    w = _dequant_kn(P, P16, S, Z, n, k0 // VPW, N, K, stride_p, BITS, GROUP, BLOCK_N, BLOCK_K // VPW,
+                                    X.dtype.element_ty)
+                    acc = _mma(x, w, acc, UPCAST)
+                elif FIELDS == 3:
                     acc = _fields_words_tile(X, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS, GROUP,
                                              BLOCK_K, UPCAST)
                 elif FIELDS:
@@ -210,7 +219,7 @@ if triton is not None:
                     xt = tl.load(X + m[None, :] * stride_xm + k[:, None], mask=(m < M)[None, :] & (k < K)[:, None],
                                  other=0.0)
                     acc = _mma(w, xt, acc, UPCAST)
-            _finish(tl.trans(acc), m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym,
+            _finish(acc if NT else tl.trans(acc), m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym,
                     n_tprog, n_m * tl.cdiv(N, BLOCK_N), HAS_BIAS, HAS_LR, SPLIT_K, BLOCK_R, True, UPCAST)
 
     @triton.jit

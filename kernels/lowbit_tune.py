@@ -10,9 +10,9 @@ both fills on first use by timing a short candidate list (gpu_time_us: cold L2, 
 hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tuned during CUDA-graph
 capture. The fused low-rank variant has entries of its own (key suffix |lr); bf16 reuses the fp16
 entry. A GEMM config may carry FIELDS (1, 2: the per-field kernel, kernels/lowbit_tiles.py
-_fields_tile; 3: _fields_words_tile; absent or 0: the plain one) and MMA (3, the default: wgmma
-where triton picks it; 2: mma.sync). A forward config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200
-it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
+_fields_tile; 3: _fields_words_tile; absent or 0: the plain one), MMA (3, the default: wgmma
+where triton picks it; 2: mma.sync) and NT (1: the un-swapped product, _dequant_kn). A forward
+config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200 it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
 """
 
 from __future__ import annotations
@@ -126,7 +126,28 @@ def _gemm_candidates(M, N, K, bits, sms, group=128):
         return (round(abs(math.log2(progs / (per_sm * sms)))), c["BLOCK_M"] != big, c["num_warps"] != (2 if M <= 16 else 4),
                 -c["BLOCK_K"])
     out.sort(key=rank)
-    return out[:14] + _fields_candidates(M, N, K, bits, sms, group)
+    return out[:14] + _fields_candidates(M, N, K, bits, sms, group) + _nt_candidates(M, N, K, bits, sms, group)
+
+
+def _nt_candidates(M, N, K, bits, sms, group):
+    """From M = 17: the un-swapped GEMM (NT: x the MMA's A operand, the k-major dequantised tile B,
+    both in shared memory, so wgmma need not wait on a register operand). On an H200 at M = 64 its
+    best tiles were 64 x 64-128 (M x N), BLOCK_K 128, split-K 1-4, ~2 programs per SM: W4 0.65-0.74x
+    cuBLAS where the swapped GEMM gave 0.46-0.56x; at M = 128 it ties dequantise + cuBLAS (0.48-0.55x
+    vs 0.48-0.63x), at 256 and 1024 it loses (0.3-0.5x): benchmarks/2026-12-01-h200-lowbit-nt-gemm.json."""
+    if pow2(M) < 32:
+        return []
+    out = []
+    for bm in sorted({min(64, pow2(M)), min(128, pow2(M))}):
+        for bn in (32, 64, 128):
+            for bk in (128, 256):
+                for split in (1, 2, 4, 8):
+                    if sms <= math.ceil(N / bn) * math.ceil(M / bm) * split <= 4 * sms and K / split >= 2 * bk:
+                        out += [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=3, NT=1)
+                                for warps in (4, 8)]
+    progs = lambda c: math.ceil(N / c["BLOCK_N"]) * math.ceil(M / c["BLOCK_M"]) * c["SPLIT_K"]
+    out.sort(key=lambda c: (abs(math.log2(progs(c) / (2 * sms))), c["BLOCK_K"], c["BLOCK_M"] != min(64, pow2(M))))
+    return out[:16] + [dict(c, num_stages=2) for c in out[:8]]  # 2 stages: -5-7% on two 8B shapes, W4 M=64
 
 
 def _fields_candidates(M, N, K, bits, sms, group):

@@ -108,6 +108,12 @@ def plan(device: str) -> list[dict]:
             out.append(dict(bits=bits, group=group, M=17, N=37, K=3 * bk, dtype=dtype, rank=rank, bias=rank == 0,
                             override={"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, SPLIT_K=2, num_warps=4,
                                                    num_stages=1, FIELDS=3)}))
+        # the un-swapped GEMM (NT, k-major dequantised tile): every width, split-K, a partial last tile
+        for bits, group, dtype, rank, M in ((4, 64, torch.float16, 8, 17), (3, 32, torch.bfloat16, 0, 70),
+                                            (2, 128, torch.bfloat16, 40, 33)):
+            out.append(dict(bits=bits, group=group, M=M, N=37, K=384, dtype=dtype, rank=rank, bias=bits != 3,
+                            override={"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4,
+                                                   num_stages=1, NT=1)}))
         for bits in (4, 3):  # the GEMV without its hand prefetch, several tiles per program
             out.append(dict(bits=bits, group=32, M=2, N=37, K=256, dtype=torch.float16, rank=8, bias=True, override={
                 "gemv": dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=2, num_warps=4, num_stages=1, PREFETCH=False)}))
@@ -139,6 +145,13 @@ def plan(device: str) -> list[dict]:
                         ({"gemm": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3, FIELDS=1,
                                        MMA=2)}, 30)]:
         for bits, group, dtype, rank in ((4, 128, torch.float16, 64), (3, 128, torch.bfloat16, 0), (2, 128, torch.bfloat16, 16)):
+            out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 4,
+                            override=override))
+    # the un-swapped GEMM (NT): wgmma 64-row tiles with split-K, mma.sync 32-row tiles, every width
+    for override, M in [({"gemm": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3, NT=1)}, 70),
+                        ({"gemm": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, SPLIT_K=2, num_warps=8, num_stages=3, NT=1)}, 64),
+                        ({"gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=3, NT=1)}, 30)]:
+        for bits, group, dtype, rank in ((4, 128, torch.float16, 64), (3, 64, torch.bfloat16, 0), (2, 128, torch.bfloat16, 16)):
             out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 4,
                             override=override))
     for bits, group, bk, dtype, rank, M in ((2, 128, 256, torch.float16, 64, 17), (4, 64, 128, torch.bfloat16, 16, 17),

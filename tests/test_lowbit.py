@@ -88,6 +88,17 @@ def test_mma_v2_compiles_with_wgmma_disabled_and_leaves_the_environment_as_it_wa
     assert len({tuple(sorted((k, v) for k, v in c.items() if k != "MMA")) for c in fields}) * 2 == len(fields)
 
 
+def test_un_swapped_gemm_is_offered_from_m17_at_one_to_four_programs_per_sm():
+    from kernels import lowbit_tune
+
+    assert not [c for c in lowbit_tune._gemm_candidates(16, 4096, 4096, 4, 132, 128) if c.get("NT")]
+    nt = [c for c in lowbit_tune._gemm_candidates(64, 4096, 4096, 4, 132, 128) if c.get("NT")]
+    assert len(nt) == 24 and {c["num_stages"] for c in nt} == {2, 3}
+    for c in nt:  # 1-4 programs per SM, at least two K tiles per split
+        assert 132 <= 4096 // c["BLOCK_N"] * c["SPLIT_K"] <= 4 * 132 and 4096 / c["SPLIT_K"] >= 2 * c["BLOCK_K"]
+    assert dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3, NT=1) in nt  # H200's pick
+
+
 def test_dispatch_follows_the_measured_crossovers():
     from kernels.lowbit import GEMV_MAX_M, kernel_kind
     assert kernel_kind(1, 4) == kernel_kind(GEMV_MAX_M, 2) == "gemv"

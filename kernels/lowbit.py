@@ -36,8 +36,8 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
   Un-swapped variant (config key NT, from M = 17): x's tile is the MMA's A operand and the weight
   tile, dequantised k-major (lowbit_tiles._dequant_kn), is B; both sit in shared memory, so wgmma
   need not wait for a register operand before the next tile. On an H200 it is the tuner's pick
-  at M = 64 on every Llama-8B shape (W4 0.66-0.89x cuBLAS, was 0.43-0.56x) and at M = 32 on
-  five of eight; past M = 128 re-dequantising W per M tile loses to dequantise + cuBLAS
+  at M = 64 on every Llama-8B shape (W4 0.72-0.79x cuBLAS, was 0.43-0.56x) and at M = 32 on
+  seven of eight; past M = 128 re-dequantising W per M tile loses to dequantise + cuBLAS
   (benchmarks/2026-12-01-h200-lowbit-nt-gemm.json).
 - Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2- and 4-bit: 128) (kernels/lowbit_dequant.py): W_hat in x's dtype
   from one coalesced Triton pass, then cuBLAS; dx the same way in backward (W_hat recomputed, not

@@ -95,9 +95,14 @@ if triton is not None:
         kw = kw0 + tl.arange(0, BLOCK_KW)
         mask = (kw < KW)[:, None] & (n < N)[None, :]
         w = tl.reshape(tl.load(P + n[None, :] * stride_p + kw[:, None], mask=mask, other=0), (BLOCK_KW // U, 1, U, BLOCK_N))
-        grp = n[None, :] * (K // GROUP) + (kw // U * 32 // GROUP)[:, None]
-        s = tl.reshape(tl.load(S + grp, mask=mask, other=0.0).to(tl.float32), (BLOCK_KW // U, 1, U, BLOCK_N))
-        z = tl.reshape(tl.load(Z + grp, mask=mask, other=0.0).to(tl.float32), (BLOCK_KW // U, 1, U, BLOCK_N))
+        if BLOCK_KW * VPW <= GROUP:  # the tile lies in one group (kw0 is a multiple of BLOCK_KW): a scale per row
+            grp = n * (K // GROUP) + kw0 * VPW // GROUP
+            s = tl.load(S + grp, mask=n < N, other=0.0).to(tl.float32)[None, None, None, :]
+            z = tl.load(Z + grp, mask=n < N, other=0.0).to(tl.float32)[None, None, None, :]
+        else:
+            grp = n[None, :] * (K // GROUP) + (kw // U * 32 // GROUP)[:, None]
+            s = tl.reshape(tl.load(S + grp, mask=mask, other=0.0).to(tl.float32), (BLOCK_KW // U, 1, U, BLOCK_N))
+            z = tl.reshape(tl.load(Z + grp, mask=mask, other=0.0).to(tl.float32), (BLOCK_KW // U, 1, U, BLOCK_N))
         field = tl.arange(0, VPW)[None, :, None, None]
         q = (w >> (field * LO)) & ((1 << LO) - 1)  # [unit, i, j, n] = weight 32*unit + U*i + j of row n
         if BITS == 3:

@@ -132,7 +132,7 @@ def _gemm_candidates(M, N, K, bits, sms, group=128):
 def _nt_candidates(M, N, K, bits, sms, group):
     """From M = 17: the un-swapped GEMM (NT: x the MMA's A operand, the k-major dequantised tile B,
     both in shared memory, so wgmma need not wait on a register operand). On an H200 at M = 64 its
-    best tiles were 64 x 64-128 (M x N), BLOCK_K 128, split-K 1-4, ~2 programs per SM: W4 0.65-0.74x
+    best tiles were 64 x 64-128 (M x N), BLOCK_K 128, split-K 1-4, ~2 programs per SM: W4 0.72-0.79x
     cuBLAS where the swapped GEMM gave 0.46-0.56x; at M = 128 it ties dequantise + cuBLAS (0.48-0.55x
     vs 0.48-0.63x), at 256 and 1024 it loses (0.3-0.5x): benchmarks/2026-12-01-h200-lowbit-nt-gemm.json."""
     if pow2(M) < 32:

@@ -67,15 +67,15 @@ denormal range) -- both far outside what activations do.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 
+from kernels import direct_launch
 from kernels.dispatch import use_triton
 from kernels.lowbit_dequant import dequant_linear
 from kernels.lowbit_format import check_lowbit_args
+from kernels.lowbit_launch import _COUNTERS, _counters, _field_order, _mma_version  # noqa: F401 (tests, experiments)
 from kernels.lowbit_triton import T_K, T_K_GEMM, T_ROWS, triton
 from kernels.lowbit_tune import config_for, pow2
 from kernels.reference import lowbit_matmul_ref
@@ -92,57 +92,13 @@ GEMV_MAX_M = 4
 # 0.47-0.49x); at M = 64 the two are mixed; at M = 256 dequant won on all six
 # (benchmarks/2026-11-29-h200-lowbit-large-m.json). A per-width table for GPUs where they part.
 DEQUANT_MIN_M = {4: 128, 2: 128}
+# Forward launches go through the compiled kernel's own launcher after the first (kernels/direct_launch.py):
+# an eager forward of a quantized model at prefill sizes is host-bound. False: triton's JIT entry point.
+DIRECT_LAUNCH = True
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
-
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 counters [32 ready, 32 done, 1 slots done, split-K tiles...] for this device
-    and stream; every launch leaves them zeroed, so they are reused without a memset."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < size:
-        buf = _COUNTERS[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
-def _field_order(x2d: torch.Tensor, bits: int) -> torch.Tensor:
-    """x (M, K) as (M, 8, K/8): row f holds, for every packed unit c, the activation that field f of
-    unit c multiplies (the k map in lowbit_tiles._fields_tile)."""
-    M, K = x2d.shape
-    if bits == 4:  # k = 32u + 4f + j, unit c = 4u + j
-        return x2d.view(M, K // 32, 8, 4).transpose(1, 2).reshape(M, 8, K // 8)
-    # k = 32u + 16h + 2f + j, unit c = 4u + 2j + h
-    return x2d.view(M, K // 32, 2, 8, 2).permute(0, 3, 1, 4, 2).reshape(M, 8, K // 8)
-
-
-@contextlib.contextmanager
-def _mma_version(version: int):
-    """Compile inside with Hopper's wgmma (3) or with mma.sync (2: triton's DISABLE_MMA_V3, a
-    cache-invalidating variable, so the on-disk cache keeps the two apart; in memory the kernel's
-    MMA constexpr does). Triton 3.6 waits for each wgmma whose A operand sits in registers before
-    the next is issued: the per-field GEMM's eight MMAs per tile then run one at a time, where
-    mma.sync lets the hardware overlap them with the next field's dequantisation (H200, FIELDS at
-    M=16: W2 0.99-1.07x cuBLAS vs 0.83-0.97x, benchmarks/2026-11-30-h200-lowbit-mma-v2.json).
-    Read at compile time only; restored after every launch."""
-    if version == 3:
-        yield
-        return
-    old = os.environ.get("DISABLE_MMA_V3")
-    os.environ["DISABLE_MMA_V3"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["DISABLE_MMA_V3"]
-        else:
-            os.environ["DISABLE_MMA_V3"] = old
-
 
 def _upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and not x.is_cuda
@@ -158,44 +114,70 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
              kind: str | None = None) -> torch.Tensor:
     """y (M, N) for x2d (M, K); `cfg` and `kind` force a config / kernel (the benchmark uses them)."""
     M, K = x2d.shape
-    N = packed.shape[0]
-    y = torch.empty(M, N, device=x2d.device, dtype=x2d.dtype)
-    has_lr = down is not None
-    R = down.shape[0] if has_lr else 0
-    kind = kind or kernel_kind(M, bits)
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
+    kind = kind or kernel_kind(M, bits)
+    has_lr = down is not None
+    shape = (kind, M, packed.shape[0], K, down.shape[0] if has_lr else 0, bits, group, bias is not None, x2d.dtype,
+             x2d.device, x2d.stride(0), packed.stride(0))
+    tensors = (x2d, packed, scale, zero, bias, down, up)
+    if cfg is None:
+        tune_run = lambda c: _launch(_plan(c, *shape), *tensors)  # noqa: E731 -- the tuner times candidates
+        cfg = config_for(kind, M, shape[2], K, bits, group, x2d.device, tune_run, "|lr" if has_lr else "")
+    plan = _PLANS.get(shape)
+    if plan is None or plan[0] is not cfg:  # a new shape, or its config changed (tuned, table edited)
+        plan = _plan(cfg, *shape)
+        if len(_PLANS) < 4096:
+            _PLANS[shape] = plan
+    return _launch(plan, *tensors)
 
-    def launch(cfg):
-        bm = pow2(M) if kind == "gemv" else cfg["BLOCK_M"]  # GEMV: rows of x the t-programs take
-        split = cfg["SPLIT_K"]
-        tiles = math.ceil(N / cfg["BLOCK_N"]) * (M if kind == "gemv" else math.ceil(M / bm))
-        if has_lr:
-            if kind == "gemv":
-                ts = math.ceil(K / (T_K // 4 * cfg["num_warps"] // bm))
-                n_tprog = math.ceil(R / T_ROWS) * ts
-            else:
-                ts = math.ceil(K / T_K_GEMM)
-                n_tprog = math.ceil(M / bm) * ts
-            t = torch.empty(ts, M, R, device=x2d.device, dtype=torch.float32)
-        else:
-            ts, n_tprog, t = 0, 0, y
-        ws = torch.empty(split, M, N, device=x2d.device, dtype=torch.float32) if split > 1 else y
-        cnt = _counters(x2d.device, 65 + tiles)
-        blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK") and k != "BLOCK_M"}
-        fields = cfg.get("FIELDS", 0) if kind == "gemm" else 0
-        xs = (x2d, _field_order(x2d, bits) if fields == 2 else x2d) if kind == "gemm" else (x2d,)  # GEMM: X, XF
-        mma = cfg.get("MMA", 3) if kind == "gemm" else 3
-        kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True)))
-                         if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma, NT=cfg.get("NT", 0))))
-        with _mma_version(mma):
-            kernel[(n_tprog + tiles * split,)](
-                *xs, packed, packed.view(torch.int16), scale, zero, bias if bias is not None else y,
-                down if has_lr else y, up if has_lr else y, t, y, ws, cnt, M, N, K, R, ts, x2d.stride(0), y.stride(0),
-                packed.stride(0), n_tprog, BITS=bits, GROUP=group, HAS_BIAS=bias is not None, HAS_LR=has_lr, BLOCK_M=bm,
-                SPLIT_K=split, BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(x2d), num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"], **blocks, **extra, **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
 
-    launch(cfg or config_for(kind, M, N, K, bits, group, x2d.device, launch, "|lr" if has_lr else ""))
+# Launch plans by call shape: everything about a launch but the tensors, worked out once. Eager
+# prefill and QLoRAM-style training call these layers from the host hundreds of times per forward,
+# and building the ~35 kernel arguments per call cost more host time than the launch itself.
+_PLANS: dict[tuple, tuple] = {}
+_TENSOR_ARGS = ("X", "XF", "P", "P16", "S", "Z", "B", "D", "U", "T", "Y", "WS", "CNT")
+
+
+def _plan(cfg, kind, M, N, K, R, bits, group, has_bias, dtype, device, stride_xm, stride_p) -> tuple:
+    """(cfg, kernel, grid, non-tensor arguments in order, options, counters needed, bits if x goes in field
+    order (FIELDS=2) else 0, MMA, shape of the low-rank partials t, split-K, GEMM?) for one launch shape."""
+    has_lr = R > 0
+    bm = pow2(M) if kind == "gemv" else cfg["BLOCK_M"]  # GEMV: rows of x the t-programs take
+    split = cfg["SPLIT_K"]
+    tiles = math.ceil(N / cfg["BLOCK_N"]) * (M if kind == "gemv" else math.ceil(M / bm))
+    ts = n_tprog = 0
+    if has_lr:
+        ts = math.ceil(K / (T_K // 4 * cfg["num_warps"] // bm)) if kind == "gemv" else math.ceil(K / T_K_GEMM)
+        n_tprog = math.ceil(R / T_ROWS) * ts if kind == "gemv" else math.ceil(M / bm) * ts
+    fields = cfg.get("FIELDS", 0) if kind == "gemm" else 0
+    mma = cfg.get("MMA", 3) if kind == "gemm" else 3
+    kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True)))
+                     if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma, NT=cfg.get("NT", 0))))
+    named = dict(M=M, N=N, K=K, R=R, TS=ts, stride_xm=stride_xm, stride_ym=N, stride_p=stride_p, n_tprog=n_tprog,
+                 BITS=bits, GROUP=group, HAS_BIAS=has_bias, HAS_LR=has_lr, BLOCK_M=bm, SPLIT_K=split,
+                 BLOCK_R=max(16, pow2(R)), UPCAST=dtype == torch.bfloat16 and device.type != "cuda",
+                 **{k: v for k, v in cfg.items() if k.startswith("BLOCK") and k != "BLOCK_M"}, **extra)
+    names = list(kernel.arg_names)
+    first = len([a for a in names if a in _TENSOR_ARGS])
+    assert tuple(names[:first]) == tuple(a for a in _TENSOR_ARGS if a in names), names  # tensors lead
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                   **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+    return (cfg, kernel, (n_tprog + tiles * split,), tuple(named[a] for a in names[first:]), options, 65 + tiles,
+            bits if fields == 2 else 0, mma, (ts, M, R), split, kind == "gemm")
+
+
+def _launch(plan, x2d, packed, scale, zero, bias, down, up) -> torch.Tensor:
+    _, kernel, grid, static, options, n_counters, field_bits, mma, t_shape, split, gemm = plan
+    M, N = x2d.shape[0], packed.shape[0]
+    y = torch.empty(M, N, device=x2d.device, dtype=x2d.dtype)
+    t = torch.empty(t_shape, device=x2d.device, dtype=torch.float32) if down is not None else y
+    ws = torch.empty(split, M, N, device=x2d.device, dtype=torch.float32) if split > 1 else y
+    xs = (x2d, _field_order(x2d, field_bits) if field_bits else x2d) if gemm else (x2d,)  # GEMM: X and XF
+    tensors = (*xs, packed, packed.view(torch.int16), scale, zero, y if bias is None else bias, y if down is None else down,
+               y if up is None else up, t, y, ws, _counters(x2d.device, n_counters))
+    with _mma_version(mma):
+        direct_launch.launch(kernel, grid, tensors + static, x2d.device, direct=DIRECT_LAUNCH, n_tensors=len(tensors),
+                             **options)
     return y
 
 

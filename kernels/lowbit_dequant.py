@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.direct_launch import launch
+
 try:
     import triton
     import triton.language as tl
@@ -64,31 +66,15 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     units = next(u for u in (16, 8, 1) if in_features % (32 * u) == 0)
     grid = (triton.cdiv(n, 8), in_features // (32 * units))
     args = (packed, scale, zero, out, n, packed.stride(0), scale.stride(0), out.stride(0), bits, group, 8, units)
-    key = (out.device.index, packed.dtype, scale.dtype, zero.dtype, out.dtype, packed.data_ptr() & 15,
-           scale.data_ptr() & 15, zero.data_ptr() & 15, out.data_ptr() & 15, *args[4:])
-    compiled = _COMPILED.get(key) if DIRECT_LAUNCH and out.is_cuda else None
-    if compiled is None:
-        compiled = _dequant_kernel[grid](*args[:8], BITS=bits, GROUP=group, BLOCK_N=8, UNITS=units, num_warps=4)
-        if out.is_cuda and len(_COMPILED) < 1024:
-            _COMPILED[key] = compiled
-    else:  # what triton's own launch does once it has the kernel (launch hooks included)
-        stream, runtime = torch.cuda.current_stream(out.device).cuda_stream, triton.knobs.runtime
-        compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid, stream, *args), runtime.launch_enter_hook,
-                     runtime.launch_exit_hook, *args)
+    launch(_dequant_kernel, grid, args, out.device, direct=DIRECT_LAUNCH, num_warps=4)
     return out
 
 
-# Dequantise kernels, compiled, by everything triton specialises these arguments on (pointer dtypes
-# and alignment, and the integers' exact values, a superset of what it looks at: equal to 1,
-# divisible by 16, 32-bit). triton's JIT entry point (binding the arguments, working out and hashing
-# their specialisation) costs ~15 us of host time per launch on the H200 machine's host, the compiled
-# kernel's own launcher ~5.5 us (python -m experiments.qloram_host_cost); QLoRAM training launches
-# this kernel twice per layer per step, and its 8B-shape step is host-bound
-# (benchmarks/2026-11-30-h200-qloram-host-bound.json), so after a specialisation's first launch the
-# compiled kernel is called directly. DIRECT_LAUNCH = False: always through triton's entry point.
+# Training launches this kernel twice per layer per step and QLoRAM's 8B-shape step is host-bound
+# (benchmarks/2026-11-30-h200-qloram-host-bound.json): after a specialisation's first launch the compiled
+# kernel is called directly (kernels/direct_launch.py). DIRECT_LAUNCH = False: always through triton's
+# entry point.
 DIRECT_LAUNCH = True
-_COMPILED: dict[tuple, object] = {}
 
 
 # W_hat dequantised by an activation-checkpointing recompute, by packed weight, for the backward of

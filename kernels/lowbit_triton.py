@@ -181,7 +181,7 @@ if triton is not None:
                      SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr,
                      MMA: tl.constexpr, NT: tl.constexpr):
         """MMA (2 or 3) is read by the launcher, not here: it compiles MMA=2 with wgmma disabled
-        (kernels/lowbit.py _mma_version), and as a constexpr it keeps the two binaries apart.
+        (kernels/lowbit_launch.py _mma_version), and as a constexpr it keeps the two binaries apart.
         NT: the product un-swapped, x tile as the MMA's A operand and the k-major dequantised
         weight tile as B, both in shared memory (kernels/lowbit.py says when that wins)."""
         pid = tl.program_id(0)

@@ -157,7 +157,7 @@ def _fields_candidates(M, N, K, bits, sms, group):
     and was not timed at smaller groups, so it is left out there (it runs when a config names it).
     benchmarks/2026-11-30-h200-lowbit-fields3.json.
 
-    Each comes with wgmma (MMA 3) and with mma.sync (MMA 2, kernels/lowbit.py _mma_version): at
+    Each comes with wgmma (MMA 3) and with mma.sync (MMA 2, kernels/lowbit_launch.py _mma_version): at
     M=16 on an H200 the best mma.sync tile beat the best wgmma one by 3-20% at W2 and -2% to +7% at W4
     (benchmarks/2026-11-30-h200-lowbit-mma-v2.json)."""
     if bits == 3 or pow2(M) > 32:

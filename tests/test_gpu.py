@@ -107,3 +107,29 @@ def test_dequantize_direct_launch_matches_triton_launch_and_reference(bits, grou
         finally:
             dequant.DIRECT_LAUNCH = True
         assert torch.equal(first, ref.to(dtype)) and torch.equal(direct, first) and torch.equal(jit, first)
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_lowbit_forward_direct_launch_matches_triton_launch(m, monkeypatch):
+    """kernels.lowbit.DIRECT_LAUNCH: the cached compiled kernel gives what triton's own launch gives,
+    and x starting 2 bytes off a 16-byte boundary gets a kernel of its own (triton specialises on it)."""
+    from kernels import direct_launch, lowbit
+    from kernels.lowbit_format import pack, quantize_groups
+
+    monkeypatch.setenv("SLIMFORGE_LOWBIT_TUNE", "0")  # one launch per new shape, not a tuning's worth
+    monkeypatch.setattr(direct_launch, "_COMPILED", {})
+
+    q, s, z = quantize_groups(torch.randn(96, 256), 4, 128)
+    packed, scale, zero = pack(q, 4).cuda(), s.cuda(), z.cuda()
+    buf = torch.randn(m * 256 + 1, device="cuda", dtype=torch.float16)
+    for x in (buf[: m * 256].view(m, 256), buf[1:].view(m, 256)):
+        before = len(direct_launch._COMPILED)
+        first = lowbit.lowbit_linear(x, packed, scale, zero, 4, 128)  # compiles (or finds) and caches
+        direct = lowbit.lowbit_linear(x, packed, scale, zero, 4, 128)
+        lowbit.DIRECT_LAUNCH = False
+        try:
+            jit = lowbit.lowbit_linear(x, packed, scale, zero, 4, 128)
+        finally:
+            lowbit.DIRECT_LAUNCH = True
+        assert len(direct_launch._COMPILED) == before + 1
+        assert torch.equal(direct, first) and torch.equal(jit, first)

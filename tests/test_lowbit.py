@@ -66,9 +66,13 @@ def test_mma_v2_compiles_with_wgmma_disabled_and_leaves_the_environment_as_it_wa
     from kernels import lowbit, lowbit_tune
     seen = []
 
+    names = lowbit._gemm_kernel.arg_names
+
     class Kernel:  # records the variable as triton would read it while compiling
+        arg_names = names
+
         def __getitem__(self, grid):
-            return lambda *a, **kw: seen.append((kw["MMA"], os.environ.get("DISABLE_MMA_V3")))
+            return lambda *a, **kw: seen.append((a[names.index("MMA")], os.environ.get("DISABLE_MMA_V3")))
 
     monkeypatch.setattr(lowbit, "_gemm_kernel", Kernel())
     monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
@@ -97,6 +101,32 @@ def test_un_swapped_gemm_is_offered_from_m17_at_one_to_four_programs_per_sm():
     for c in nt:  # 1-4 programs per SM, at least two K tiles per split
         assert 132 <= 4096 // c["BLOCK_N"] * c["SPLIT_K"] <= 4 * 132 and 4096 / c["SPLIT_K"] >= 2 * c["BLOCK_K"]
     assert dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3, NT=1) in nt  # H200's pick
+
+
+def test_launch_plans_are_reused_per_call_shape_and_rebuilt_when_the_config_changes(monkeypatch):
+    from kernels import direct_launch, lowbit, lowbit_tune
+
+    launches = []
+    monkeypatch.setattr(direct_launch, "launch", lambda kernel, grid, args, device, **kw: launches.append(
+        (kernel, grid, args, kw["n_tensors"])))
+    monkeypatch.setattr(lowbit, "_PLANS", {})
+    x, packed = torch.randn(20, 256, dtype=torch.float16), torch.zeros(8, 32, dtype=torch.int32)
+    scale, zero = torch.ones(8, 2, dtype=torch.float16), torch.zeros(8, 2, dtype=torch.float16)
+    lowbit._forward(x, packed, scale, zero, 4, 128, None, None, None)
+    plan = next(iter(lowbit._PLANS.values()))
+    lowbit._forward(x, packed, scale, zero, 4, 128, None, None, None)
+    (k0, g0, a0, _), (k1, g1, a1, _) = launches
+    assert len(lowbit._PLANS) == 1 and next(iter(lowbit._PLANS.values())) is plan and k0 is k1 and g0 == g1 and a0[13:] == a1[13:]
+    kernel, grid, args, n = launches[-1]
+    named = dict(zip(kernel.arg_names, args))
+    assert n == 13 and named["X"] is x and (named["M"], named["N"], named["K"]) == (20, 8, 256)
+    assert named["BLOCK_N"] == lowbit_tune.config_for("gemm", 20, 8, 256, 4, 128, x.device, None)["BLOCK_N"]
+    monkeypatch.setitem(lowbit_tune.OVERRIDE, "gemm", dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2,
+                                                           num_warps=4, num_stages=1, NT=1))
+    lowbit._forward(x, packed, scale, zero, 4, 128, None, None, None)
+    named = dict(zip(launches[-1][0].arg_names, launches[-1][2]))
+    assert (named["BLOCK_N"], named["SPLIT_K"], named["NT"]) == (64, 2, 1) and len(lowbit._PLANS) == 1
+    assert named["WS"].shape == (2, 20, 8)  # split-K workspace per call, from the new plan
 
 
 def test_dispatch_follows_the_measured_crossovers():

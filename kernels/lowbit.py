@@ -39,8 +39,14 @@ Kernels (x: (M, K) rows of activations, W: (N, K) as nn.Linear stores it):
   at M = 64 on every Llama-8B shape (W4 0.72-0.79x cuBLAS, was 0.43-0.56x) and at M = 32 on
   seven of eight; past M = 128 re-dequantising W per M tile loses to dequantise + cuBLAS
   (benchmarks/2026-12-01-h200-lowbit-nt-gemm.json).
-- Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2- and 4-bit: 128) (kernels/lowbit_dequant.py): W_hat in x's dtype
-  from one coalesced Triton pass, then cuBLAS; dx the same way in backward (W_hat recomputed, not
+  Half2 dequantisation (fp16 x, 2/4-bit, FIELDS 1/2 and NT; config key HALF2, on unless 0): two
+  fields per 32-bit op -- one LOP3 drops them into the mantissas of an fp16 pair 1024 + q, then
+  sub.f16x2 and mul.f16x2 (lowbit_half2._half2_pair, inline PTX), bit-identical to the fp32 route.
+  On an H200 the median tile ran 1.01-1.12x faster at every point timed (M = 16..128, four
+  shapes, W4 and W2), the best tile of each grid 0.98-1.15x (benchmarks/2026-12-01-h200-lowbit-half2.json).
+- Dequantise + cuBLAS, M >= DEQUANT_MIN_M[bits] (2- and 4-bit: 128; an H200 from 129,
+  DEQUANT_MIN_M_BY_GPU) (kernels/lowbit_dequant.py): W_hat in x's dtype from one coalesced Triton
+  pass, then cuBLAS; dx the same way in backward (W_hat recomputed, not
   saved). The fused kernels below stay for smaller M and for 3-bit weights.
 - dx: tiles of dy @ W_hat computed transposed (dx^T = W_hat^T dy^T), same dequantisation,
   reducing over N; the low-rank term is one extra tl.dot in the epilogue.
@@ -67,6 +73,7 @@ denormal range) -- both far outside what activations do.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -92,6 +99,11 @@ GEMV_MAX_M = 4
 # 0.47-0.49x); at M = 64 the two are mixed; at M = 256 dequant won on all six
 # (benchmarks/2026-11-29-h200-lowbit-large-m.json). A per-width table for GPUs where they part.
 DEQUANT_MIN_M = {4: 128, 2: 128}
+# GPUs with a crossover measured since: on an H200 the un-swapped GEMM (NT) with half2 dequantisation
+# beat dequantise + cuBLAS at M = 128 on all four shapes and both widths (W4 0.55-0.72x cuBLAS vs
+# 0.49-0.68x, W2 0.59-0.77x vs 0.51-0.70x, benchmarks/2026-12-01-h200-lowbit-half2.json) and lost at
+# 256 (0.33-0.53x vs 0.53-0.76x, benchmarks/2026-12-01-h200-lowbit-nt-gemm.json); M in between untimed.
+DEQUANT_MIN_M_BY_GPU = {"NVIDIA H200": {4: 129, 2: 129}}
 # Forward launches go through the compiled kernel's own launcher after the first (kernels/direct_launch.py):
 # an eager forward of a quantized model at prefill sizes is host-bound. False: triton's JIT entry point.
 DIRECT_LAUNCH = True
@@ -104,10 +116,25 @@ def _upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and not x.is_cuda
 
 
-def kernel_kind(M: int, bits: int = 4) -> str:
+@functools.lru_cache(maxsize=None)
+def _dequant_min_m(device_index: int | None) -> dict:
+    if device_index is None:
+        return DEQUANT_MIN_M
+    return DEQUANT_MIN_M_BY_GPU.get(torch.cuda.get_device_name(device_index), DEQUANT_MIN_M)
+
+
+def kernel_kind(M: int, bits: int = 4, device: torch.device | None = None) -> str:
+    """gemv, gemm or dequant for M rows of x on `device` (None: the current CUDA device, if any)."""
     if M <= GEMV_MAX_M:
         return "gemv"
-    return "dequant" if bits in DEQUANT_MIN_M and M >= DEQUANT_MIN_M[bits] else "gemm"
+    if device is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else None
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        index = None
+    first = _dequant_min_m(index)
+    return "dequant" if bits in first and M >= first[bits] else "gemm"
 
 
 def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | None = None,
@@ -115,7 +142,7 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
     """y (M, N) for x2d (M, K); `cfg` and `kind` force a config / kernel (the benchmark uses them)."""
     M, K = x2d.shape
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
-    kind = kind or kernel_kind(M, bits)
+    kind = kind or kernel_kind(M, bits, x2d.device)
     has_lr = down is not None
     shape = (kind, M, packed.shape[0], K, down.shape[0] if has_lr else 0, bits, group, bias is not None, x2d.dtype,
              x2d.device, x2d.stride(0), packed.stride(0))
@@ -151,8 +178,13 @@ def _plan(cfg, kind, M, N, K, R, bits, group, has_bias, dtype, device, stride_xm
         n_tprog = math.ceil(R / T_ROWS) * ts if kind == "gemv" else math.ceil(M / bm) * ts
     fields = cfg.get("FIELDS", 0) if kind == "gemm" else 0
     mma = cfg.get("MMA", 3) if kind == "gemm" else 3
+    # half2 dequantisation unless the config says HALF2: 0 (faster on every tile timed, same bits): fp16
+    # only (bf16 keeps the fp32 route), per-row scale tiles of 2/4-bit
+    half2 = int(bool(cfg.get("HALF2", 1)) and (fields in (1, 2) or bool(cfg.get("NT"))) and dtype == torch.float16
+                and bits in (2, 4) and kind == "gemm" and cfg["BLOCK_K"] <= group)
     kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True)))
-                     if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma, NT=cfg.get("NT", 0))))
+                     if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma, NT=cfg.get("NT", 0),
+                                              HALF2=half2, ASM=device.type == "cuda")))
     named = dict(M=M, N=N, K=K, R=R, TS=ts, stride_xm=stride_xm, stride_ym=N, stride_p=stride_p, n_tprog=n_tprog,
                  BITS=bits, GROUP=group, HAS_BIAS=has_bias, HAS_LR=has_lr, BLOCK_M=bm, SPLIT_K=split,
                  BLOCK_R=max(16, pow2(R)), UPCAST=dtype == torch.bfloat16 and device.type != "cuda",
@@ -256,7 +288,7 @@ def lowbit_linear_checked(x: torch.Tensor, packed: torch.Tensor, scale: torch.Te
         return lowbit_matmul_ref(x, packed, scale, zero, bits, group, down, up, bias)
     if down is not None:  # the kernels read the factors in x's dtype; autograd undoes the cast
         down, up = down.to(x.dtype).contiguous(), up.to(x.dtype).contiguous()
-    if kernel_kind(x.numel() // K, bits) == "dequant":
+    if kernel_kind(x.numel() // K, bits, x.device) == "dequant":
         return dequant_linear(x, packed, scale, zero, bits, group, down, up, bias)
     N = packed.shape[0]
     if not needs_grad(x, down, up, bias):  # inference: skip autograd.Function's overhead (it matters at decode sizes)

@@ -129,7 +129,8 @@ if triton is not None:
           2-bit half-word c:      32u + 16 (c % 2) + 2f + (c // 2) % 2   (word c // 2, half c % 2)
           3-bit: low plane as 2-bit; high bits of half-word c are byte K/4 + c of the row, bit f.
         FIELDS=2 reads x from XF, x laid out by the launcher as (M, 8, K/8) in (field, unit) order:
-        contiguous rows per field, where FIELDS=1 gathers them from x (runs of 4 at 4 bits, 1 at 2)."""
+        contiguous rows per field, where FIELDS=1 gathers them from x (runs of 4 at 4 bits, 1 at 2).
+        kernels/lowbit_half2.py has its fp16 variant (HALF2)."""
         LO: tl.constexpr = 2 if BITS == 3 else BITS
         BLOCK_C: tl.constexpr = BLOCK_K // 8
         C = K // 8  # units per row

@@ -17,6 +17,7 @@ T_K_GEMM = 1024  # GEMM-mode t-program: K-slice per program
 
 
 if triton is not None:
+    from kernels.lowbit_half2 import _dequant_kn_half2, _fields_tile_half2
     from kernels.lowbit_tiles import _dequant, _dequant_kn, _field, _fields_tile, _fields_words_tile, _gemv_tile, _mma
 
     _T_ROWS, _T_K, _T_K_GEMM = tl.constexpr(T_ROWS), tl.constexpr(T_K), tl.constexpr(T_K_GEMM)
@@ -179,11 +180,13 @@ if triton is not None:
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr,
-                     MMA: tl.constexpr, NT: tl.constexpr):
+                     MMA: tl.constexpr, NT: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr):
         """MMA (2 or 3) is read by the launcher, not here: it compiles MMA=2 with wgmma disabled
         (kernels/lowbit_launch.py _mma_version), and as a constexpr it keeps the two binaries apart.
         NT: the product un-swapped, x tile as the MMA's A operand and the k-major dequantised
-        weight tile as B, both in shared memory (kernels/lowbit.py says when that wins)."""
+        weight tile as B, both in shared memory (kernels/lowbit.py says when that wins).
+        HALF2 (with FIELDS 1 or 2 or NT, fp16): two weights dequantised per op (lowbit_half2._half2_pair),
+        by inline PTX when ASM (on a GPU), else the same values in fp32 (the interpreter)."""
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
@@ -203,12 +206,19 @@ if triton is not None:
                     k = k0 + tl.arange(0, BLOCK_K)
                     x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
                                 other=0.0)
-                    w = _dequant_kn(P, P16, S, Z, n, k0 // VPW, N, K, stride_p, BITS, GROUP, BLOCK_N, BLOCK_K // VPW,
-                                    X.dtype.element_ty)
+                    if HALF2:
+                        w = _dequant_kn_half2(P, S, Z, n, k0 // VPW, N, K, stride_p, BITS, GROUP, BLOCK_N,
+                                              BLOCK_K // VPW, ASM)
+                    else:
+                        w = _dequant_kn(P, P16, S, Z, n, k0 // VPW, N, K, stride_p, BITS, GROUP, BLOCK_N,
+                                        BLOCK_K // VPW, X.dtype.element_ty)
                     acc = _mma(x, w, acc, UPCAST)
                 elif FIELDS == 3:
                     acc = _fields_words_tile(X, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS, GROUP,
                                              BLOCK_K, UPCAST)
+                elif FIELDS and HALF2:
+                    acc = _fields_tile_half2(X, XF, P, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS, GROUP,
+                                             BLOCK_K, UPCAST, FIELDS, ASM)
                 elif FIELDS:
                     acc = _fields_tile(X, XF, P, P16, S, Z, m, n, k0, M, N, K, stride_xm, stride_p, acc, BITS, GROUP,
                                        BLOCK_K, UPCAST, FIELDS)

@@ -11,7 +11,8 @@ hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tun
 capture. The fused low-rank variant has entries of its own (key suffix |lr); bf16 reuses the fp16
 entry. A GEMM config may carry FIELDS (1, 2: the per-field kernel, kernels/lowbit_tiles.py
 _fields_tile; 3: _fields_words_tile; absent or 0: the plain one), MMA (3, the default: wgmma
-where triton picks it; 2: mma.sync) and NT (1: the un-swapped product, _dequant_kn). A forward
+where triton picks it; 2: mma.sync), NT (1: the un-swapped product, _dequant_kn) and HALF2 (0 turns
+off the half2 dequantisation that FIELDS 1/2 and NT use for fp16 x; tuned with it on). A forward
 config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200 it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
 """
 
@@ -133,8 +134,10 @@ def _nt_candidates(M, N, K, bits, sms, group):
     """From M = 17: the un-swapped GEMM (NT: x the MMA's A operand, the k-major dequantised tile B,
     both in shared memory, so wgmma need not wait on a register operand). On an H200 at M = 64 its
     best tiles were 64 x 64-128 (M x N), BLOCK_K 128, split-K 1-4, ~2 programs per SM: W4 0.72-0.79x
-    cuBLAS where the swapped GEMM gave 0.46-0.56x; at M = 128 it ties dequantise + cuBLAS (0.48-0.55x
-    vs 0.48-0.63x), at 256 and 1024 it loses (0.3-0.5x): benchmarks/2026-12-01-h200-lowbit-nt-gemm.json."""
+    cuBLAS where the swapped GEMM gave 0.46-0.56x; at M = 128 it tied dequantise + cuBLAS (0.48-0.55x
+    vs 0.48-0.63x), at 256 and 1024 it loses (0.3-0.5x): benchmarks/2026-12-01-h200-lowbit-nt-gemm.json.
+    With half2 dequantisation (fp16, BLOCK_K <= group) it wins at M = 128 on an H200, where the GEMM
+    kind now runs up to 128 (kernels.lowbit.DEQUANT_MIN_M_BY_GPU; benchmarks/2026-12-01-h200-lowbit-half2.json)."""
     if pow2(M) < 32:
         return []
     out = []

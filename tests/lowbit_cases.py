@@ -101,6 +101,14 @@ def plan(device: str) -> list[dict]:
             out.append(dict(bits=bits, group=group, M=17, N=37, K=384, dtype=dtype, rank=40 if bits == 4 else 8, bias=True,
                             override={"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4,
                                                    num_stages=1, FIELDS=fields, MMA=mma)}))
+        # HALF2 (two fields per op, fp16): 4-bit gathered x, 2-bit in field order, split-K, a partial last
+        # tile; bf16 with HALF2 set takes the fp32 route
+        for bits, dtype, variant in ((4, torch.float16, dict(FIELDS=1)), (2, torch.float16, dict(FIELDS=2)),
+                                     (2, torch.bfloat16, dict(FIELDS=2)), (4, torch.float16, dict(NT=1)),
+                                     (2, torch.float16, dict(NT=1))):
+            out.append(dict(bits=bits, group=128, M=17, N=37, K=384, dtype=dtype, rank=8 if bits == 4 else 0, bias=True,
+                            override={"gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=2, num_warps=4,
+                                                   num_stages=1, HALF2=1, **variant)}))
         # FIELDS=3 (32-bit words, one MMA per field and group): 2 groups per 256-wide 2-bit tile, 4 per 4-bit
         # tile at g32, and 3-bit (correct, though triton stages its tile)
         for bits, group, bk, dtype, rank in ((2, 128, 256, torch.bfloat16, 8), (4, 32, 128, torch.float16, 0),
@@ -154,6 +162,13 @@ def plan(device: str) -> list[dict]:
         for bits, group, dtype, rank in ((4, 128, torch.float16, 64), (3, 64, torch.bfloat16, 0), (2, 128, torch.bfloat16, 16)):
             out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 4,
                             override=override))
+    # HALF2 (fp16): wgmma and mma.sync, both x orders, 2- and 4-bit
+    for variant, mma, M in ((dict(FIELDS=1), 3, 17), (dict(FIELDS=2), 2, 30), (dict(FIELDS=1), 2, 70),
+                            (dict(NT=1), 3, 70), (dict(NT=1), 2, 33)):
+        for bits, rank in ((4, 64), (2, 16)):
+            out.append(dict(bits=bits, group=128, M=M, N=1037, K=4096 + 384, dtype=torch.float16, rank=rank, bias=bits == 4,
+                            override={"gemm": dict(BLOCK_M=16 if M < 20 else 32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4,
+                                                   num_warps=4, num_stages=3, MMA=mma, HALF2=1, **variant)}))
     for bits, group, bk, dtype, rank, M in ((2, 128, 256, torch.float16, 64, 17), (4, 64, 128, torch.bfloat16, 16, 17),
                                             (3, 128, 256, torch.bfloat16, 0, 30), (2, 32, 256, torch.bfloat16, 0, 30)):
         out.append(dict(bits=bits, group=group, M=M, N=1037, K=4096 + 384, dtype=dtype, rank=rank, bias=bits == 2,

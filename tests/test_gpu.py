@@ -133,3 +133,55 @@ def test_lowbit_forward_direct_launch_matches_triton_launch(m, monkeypatch):
             lowbit.DIRECT_LAUNCH = True
         assert len(direct_launch._COMPILED) == before + 1
         assert torch.equal(direct, first) and torch.equal(jit, first)
+
+
+def _pairs_kernel():
+    import triton
+    import triton.language as tl
+
+    from kernels.lowbit_half2 import _half2_pair
+
+    @triton.jit
+    def pairs(W, Z, S, LO, HI, MASK: tl.constexpr, ASM: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        lo, hi = _half2_pair(tl.load(W + i), tl.load(Z + i), tl.load(S + i), MASK, ASM)
+        tl.store(LO + i, lo)
+        tl.store(HI + i, hi)
+    return pairs
+
+
+@pytest.mark.parametrize("mask, levels", [(0x000F000F, 16), (0x00030003, 4)])
+def test_half2_dequantisation_is_bit_identical_to_the_fp32_route(mask, levels):
+    """kernels.lowbit_half2._half2_pair's PTX (LOP3, sub.f16x2, mul.f16x2) against its fp32 route, over
+    random words, every integer zero and scales from fp16 subnormals to overflow."""
+    n = 1 << 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randint(-2**31, 2**31 - 1, (n,), device="cuda", dtype=torch.int64, generator=gen).to(torch.int32)
+    z = torch.randint(0, levels, (n,), device="cuda", generator=gen).half()
+    s = (torch.rand(n, device="cuda", generator=gen) * 30 - 26).exp2().half()  # 2**-26 (subnormal) .. 2**4
+    s[:64] = torch.tensor([6e-8, 1e-4, 1.0, 4096.0, 60000.0, 0.0, -0.5, 2.0**-14] * 8, dtype=torch.float16)
+    pairs = _pairs_kernel()
+    out = {}
+    for asm in (True, False):
+        lo, hi = torch.empty(n, device="cuda", dtype=torch.float16), torch.empty(n, device="cuda", dtype=torch.float16)
+        pairs[(n // 1024,)](w, z, s, lo, hi, MASK=mask, ASM=asm, BLOCK=1024)
+        out[asm] = (lo, hi)
+    q_lo = (w & (mask & 0xFFFF)).float()
+    assert torch.equal(out[False][0], ((q_lo - z.float()) * s.float()).half())  # the route is the definition
+    for a, b in zip(out[True], out[False]):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("mma", [3, 2])
+def test_half2_gemm_equals_the_fp32_route_gemm_at_two_bits(mma):
+    """At 2 bits HALF2 keeps the MMA order (one MMA per field, fields in order): same output bits."""
+    from kernels import lowbit
+    from kernels.lowbit_format import pack, quantize_groups
+
+    q, s, z = quantize_groups(torch.randn(1037, 1024), 2, 128)
+    packed, scale, zero = pack(q, 2).cuda(), s.cuda(), z.cuda()
+    x = torch.randn(33, 1024, device="cuda", dtype=torch.float16)
+    cfg = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3, FIELDS=1, MMA=mma)
+    y = [lowbit._forward(x, packed, scale, zero, 2, 128, None, None, None, cfg=dict(cfg, HALF2=h), kind="gemm")
+         for h in (0, 1)]
+    assert torch.equal(y[0], y[1])

@@ -129,12 +129,22 @@ def test_launch_plans_are_reused_per_call_shape_and_rebuilt_when_the_config_chan
     assert named["WS"].shape == (2, 20, 8)  # split-K workspace per call, from the new plan
 
 
-def test_dispatch_follows_the_measured_crossovers():
+def test_dispatch_follows_the_measured_crossovers(monkeypatch):
+    from kernels import lowbit
     from kernels.lowbit import GEMV_MAX_M, kernel_kind
-    assert kernel_kind(1, 4) == kernel_kind(GEMV_MAX_M, 2) == "gemv"
-    assert [kernel_kind(m, 4) for m in (127, 128)] == ["gemm", "dequant"]  # W4 crossover on the H200
-    assert [kernel_kind(m, 2) for m in (127, 128)] == ["gemm", "dequant"]
-    assert kernel_kind(4096, 3) == "gemm"  # no 3-bit dequantise kernel
+    cpu = torch.device("cpu")
+    assert kernel_kind(1, 4, cpu) == kernel_kind(GEMV_MAX_M, 2, cpu) == "gemv"
+    assert [kernel_kind(m, 4, cpu) for m in (127, 128)] == ["gemm", "dequant"]  # the default crossover
+    assert [kernel_kind(m, 2, cpu) for m in (127, 128)] == ["gemm", "dequant"]
+    assert kernel_kind(4096, 3, cpu) == "gemm"  # no 3-bit dequantise kernel
+    # a GPU with a crossover of its own (the H200: NT up to M = 128), and one without
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: {0: "NVIDIA H200", 1: "Some GPU"}[index])
+    lowbit._dequant_min_m.cache_clear()
+    try:
+        assert [kernel_kind(m, 4, torch.device("cuda", 0)) for m in (128, 129)] == ["gemm", "dequant"]
+        assert [kernel_kind(m, 2, torch.device("cuda", 1)) for m in (127, 128)] == ["gemm", "dequant"]
+    finally:
+        lowbit._dequant_min_m.cache_clear()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

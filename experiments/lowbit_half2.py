@@ -1,8 +1,9 @@
-"""Issue 19 probe, M = 16..64: the per-field GEMM (FIELDS) with half2 dequantisation (HALF2:
-kernels/lowbit_tiles._half2_pair, two weights per LOP3 / HSUB2 / HMUL2) against the same grid with
-the fp32 route, the shipped dispatch and cuBLAS fp16, one run, g128, fp16 x.
+"""Issue 19 probe, M = 16..128: the per-field GEMM (FIELDS) and the un-swapped one (NT) with half2
+dequantisation (HALF2: kernels/lowbit_half2._half2_pair, two weights per LOP3 / HSUB2 / HMUL2)
+against the same grid with the fp32 route, the shipped dispatch and cuBLAS fp16, one run, g128,
+fp16 x.
 
-    python -m experiments.lowbit_half2 --out half2.json [--m 16 32 64] [--bits 4 2]
+    python -m experiments.lowbit_half2 --out half2.json [--m 16 32 64 128] [--bits 4 2]
 
 Why: at M = 16..64 the fused GEMMs are bound by the dequantisation's instruction count (ncu at
 M=64: ~9 instructions per weight, benchmarks/2026-12-01-h200-lowbit-nt-gemm.json), where the
@@ -14,24 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import subprocess
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 
 from kernels import lowbit, lowbit_tune
-from kernels.bench_lowbit import _compile_job, gpu_time_us
+from kernels.bench_lowbit import gpu_time_us
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
 
 
-def grid(M, N, bits, sms):
-    """FIELDS 1/2 tiles (2-bit: both x orders; 4-bit: gathered), wgmma and mma.sync, HALF2 off and on."""
-    out = []
-    for fields in ((1, 2) if bits == 2 else (1,)):
+def grid(M, N, K, bits, sms):
+    """Up to M = 32 FIELDS 1/2 tiles (2-bit: both x orders; 4-bit: gathered), wgmma and mma.sync; from
+    M = 17 the tuner's NT tiles of BLOCK_K 128 (one group per tile); HALF2 off and on."""
+    out = [dict(c, HALF2=half2) for c in lowbit_tune._nt_candidates(M, N, K, bits, sms, 128) if c["BLOCK_K"] == 128
+           for half2 in (0, 1)]
+    for fields in ((1, 2) if bits == 2 else (1,)) if M <= 32 else ():
         for bm in sorted({16, min(64, max(16, 1 << (M - 1).bit_length()))}):
             for bn, warps in ((64, 4), (128, 4), (128, 8)):
                 for split in (1, 2, 4, 8):
@@ -52,23 +53,20 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--workers", type=int, default=14)
     args = ap.parse_args()
-    from experiments.lowbit_fields import problems
+    from experiments.lowbit_fields import compile_jobs, problems
     from experiments.lowbit_small_m import rel_err, time_configs
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     jobs = {}
     for n, k in SHAPES:
         for bits in args.bits:
             for m in args.m:
-                for cfg in grid(m, n, bits, sms):
+                for cfg in grid(m, n, k, bits, sms):
                     jobs.setdefault((bits, m == 1, tuple(sorted(cfg.items()))), (n, k, bits, 128, m, "gemm", cfg, 0))
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        errors = [e for e in pool.map(_compile_job, list(jobs.values()), chunksize=1) if e]
-    print(f"compiled {len(jobs)} in {time.time() - t0:.0f}s, {len(errors)} failed", errors[:3], flush=True)
+    compile_jobs(list(jobs.values()), args.workers)
     rows = []
     for n, k, bits, m, w16, packed, scale, zero, x, ref in problems(SHAPES, args.bits, args.m):
         run_cfg = lambda cfg: lowbit._forward(x, packed, scale, zero, bits, 128, None, None, None, cfg=cfg, kind="gemm")
-        timed = time_configs(grid(m, n, bits, sms), run_cfg, ref)
+        timed = time_configs(grid(m, n, k, bits, sms), run_cfg, ref)
         t_cublas = gpu_time_us(lambda: F.linear(x, w16), args.reps)
         shipped = lambda: lowbit.lowbit_linear(x, packed, scale, zero, bits, 128)
         t_shipped = gpu_time_us(shipped, args.reps)

@@ -126,11 +126,14 @@ def grid(M, variants=(1, 2), wide=False):
 
 
 def _compile_job(job):
-    bits, m, cfg = job
+    """job (bits, m, cfg[, linear]): one launch of `linear` (nt_linear unless given; a module-level
+    function, so the worker process can import it) on a small problem, compiling that config."""
+    bits, m, cfg, *linear = job
     try:
         from kernels.bench_lowbit import make_weight
         _, packed, scale, zero = make_weight(256, 512, bits, 128)
-        nt_linear(torch.zeros(m, 512, device="cuda", dtype=torch.float16), packed, scale, zero, bits, 128, cfg)
+        (linear or [nt_linear])[0](torch.zeros(m, 512, device="cuda", dtype=torch.float16), packed, scale, zero, bits,
+                                   128, cfg)
         torch.cuda.synchronize()
         return ""
     except Exception as exc:  # noqa: BLE001 -- reported; the timing loop skips it too

@@ -101,7 +101,7 @@ def nt_linear(x, packed, scale, zero, bits, group, cfg):
         x, xf, packed, packed.view(torch.int16), scale, zero, y, ws, lowbit._counters(x.device, 65 + tiles),
         M, N, K, x.stride(0), y.stride(0), packed.stride(0), BITS=bits, GROUP=group, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, VARIANT=cfg["VARIANT"],
-        UPCAST=lowbit._upcast(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=lowbit._upcast(x.dtype, x.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 

@@ -112,8 +112,9 @@ DIRECT_LAUNCH = True
 # --------------------------------------------------------------------------------------------
 # launchers
 
-def _upcast(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and not x.is_cuda
+def _upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """The kernels' UPCAST: bf16 under the interpreter, which multiplies bf16 tiles as raw integers."""
+    return dtype == torch.bfloat16 and device.type != "cuda"
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,7 +188,7 @@ def _plan(cfg, kind, M, N, K, R, bits, group, has_bias, dtype, device, stride_xm
                                               HALF2=half2, ASM=device.type == "cuda")))
     named = dict(M=M, N=N, K=K, R=R, TS=ts, stride_xm=stride_xm, stride_ym=N, stride_p=stride_p, n_tprog=n_tprog,
                  BITS=bits, GROUP=group, HAS_BIAS=has_bias, HAS_LR=has_lr, BLOCK_M=bm, SPLIT_K=split,
-                 BLOCK_R=max(16, pow2(R)), UPCAST=dtype == torch.bfloat16 and device.type != "cuda",
+                 BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(dtype, device),
                  **{k: v for k, v in cfg.items() if k.startswith("BLOCK") and k != "BLOCK_M"}, **extra)
     names = list(kernel.arg_names)
     first = len([a for a in names if a in _TENSOR_ARGS])
@@ -224,8 +225,8 @@ def _input_grad(dy2d, packed, scale, zero, bits, group, K, down, u, cfg: dict | 
         _dx_kernel[grid](dy2d, packed, packed.view(torch.int16), scale, zero, down if R else dx, u if R else dx, dx, M, N, K, R,
                          dy2d.stride(0), dx.stride(0), packed.stride(0), BITS=bits, GROUP=group, HAS_LR=R > 0,
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                         BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(dy2d), num_warps=cfg["num_warps"],
-                         num_stages=cfg["num_stages"])
+                         BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(dy2d.dtype, dy2d.device),
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     launch(cfg or config_for("dx", M, N, K, bits, group, dy2d.device, launch))
     return dx

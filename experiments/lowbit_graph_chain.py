@@ -2,6 +2,7 @@
 against cuBLAS bf16 in the same setting and against the isolated cold-L2 harness the tuner uses.
 
     python -m experiments.lowbit_graph_chain --out chain.json [--m 1 16] [--chain 8] [--replays 50]
+        [--dtypes bfloat16 float16]
 
 Why: in the Llama-8B-shape decode at batch 16 the W4 linears' kernels summed to ~4% more GPU time
 than bf16's cuBLAS ones (experiments/profile_decode.py), while the harness puts every M=16 shape at
@@ -65,21 +66,25 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     ap.add_argument("--chain", type=int, default=8)
     ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16"],
+                    help="x's dtype (and cuBLAS's); fp16 takes the half2 dequantisation, bf16 the fp32 route")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
     rows = []
     for n, k in SHAPES:
         for bits in args.bits:
             weights = [make_weight(n, k, bits, 128, seed=i) for i in range(args.chain)]
-            dense = [w[0].to(torch.bfloat16) for w in weights]
-            for m in args.m:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                kind = lowbit.kernel_kind(m, bits)
+            for m, dtype in [(m, getattr(torch, d)) for m in args.m for d in args.dtypes]:
+                dense = [w[0].to(dtype) for w in weights]
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                kind = lowbit.kernel_kind(m, bits, x.device, dtype)
                 lowbit.lowbit_linear(x, *weights[0][1:], bits, 128)  # tunes if the table lacks it
-                cfg = lowbit_tune.tables()[gpu][lowbit_tune.config_key(kind, m, n, k, bits, 128)]
+                key = lowbit_tune.config_key(kind, m, n, k, bits, 128)
+                bf16_key = key + "|bf16" if kind == "gemm" and dtype == torch.bfloat16 else key
+                cfg = lowbit_tune.tables()[gpu].get(bf16_key) or lowbit_tune.tables()[gpu][key]  # what dispatch runs
                 ours = lambda c: [lambda w=w: lowbit._forward(x, w[1], w[2], w[3], bits, 128, None, None, None, cfg=c,
                                                               kind=kind) for w in weights]
-                row = dict(n=n, k=k, bits=bits, m=m, kind=kind, cfg=cfg,
+                row = dict(n=n, k=k, bits=bits, m=m, dtype=str(dtype), kind=kind, cfg=cfg,
                            cublas_graph_us=graph_us([lambda d=d: F.linear(x, d) for d in dense], args.replays),
                            ours_graph_us=graph_us(ours(cfg), args.replays),
                            cublas_cold_us=gpu_time_us(lambda: F.linear(x, dense[0]), 30),
@@ -92,10 +97,10 @@ def main() -> None:
                         row["ratio_" + key] = row["cublas_" + key.replace("pdl_", "") + "_us"] / row[f"ours_{key}_us"]
                 rows.append(row)
                 pdl = f" PDL {row['ours_pdl_graph_us']:.1f} ({row['ratio_pdl_graph']:.2f}x)" if pdl_patched() else ""
-                print(f"{n}x{k} W{bits} M={m} {kind}: graph cuBLAS {row['cublas_graph_us']:.1f} ours "
+                print(f"{n}x{k} W{bits} M={m} {dtype} {kind}: graph cuBLAS {row['cublas_graph_us']:.1f} ours "
                       f"{row['ours_graph_us']:.1f} ({row['ratio_graph']:.2f}x){pdl} | cold cuBLAS "
                       f"{row['cublas_cold_us']:.1f} ours {row['ours_cold_us']:.1f} ({row['ratio_cold']:.2f}x)", flush=True)
-            del weights, dense
+            del weights
             torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(dict(gpu=gpu, torch=torch.__version__, triton=lowbit.triton.__version__, rows=rows), f, indent=1)

@@ -103,6 +103,7 @@ DEQUANT_MIN_M = {4: 128, 2: 128}
 # beat dequantise + cuBLAS at M = 128 on all four shapes and both widths (W4 0.55-0.72x cuBLAS vs
 # 0.49-0.68x, W2 0.59-0.77x vs 0.51-0.70x, benchmarks/2026-12-01-h200-lowbit-half2.json) and lost at
 # 256 (0.33-0.53x vs 0.53-0.76x, benchmarks/2026-12-01-h200-lowbit-nt-gemm.json); M in between untimed.
+# fp16 x only: bf16 takes the fp32 dequantisation route, with which NT only tied at 128.
 DEQUANT_MIN_M_BY_GPU = {"NVIDIA H200": {4: 129, 2: 129}}
 # Forward launches go through the compiled kernel's own launcher after the first (kernels/direct_launch.py):
 # an eager forward of a quantized model at prefill sizes is host-bound. False: triton's JIT entry point.
@@ -124,11 +125,14 @@ def _dequant_min_m(device_index: int | None) -> dict:
     return DEQUANT_MIN_M_BY_GPU.get(torch.cuda.get_device_name(device_index), DEQUANT_MIN_M)
 
 
-def kernel_kind(M: int, bits: int = 4, device: torch.device | None = None) -> str:
-    """gemv, gemm or dequant for M rows of x on `device` (None: the current CUDA device, if any)."""
+def kernel_kind(M: int, bits: int = 4, device: torch.device | None = None,
+                dtype: torch.dtype = torch.float16) -> str:
+    """gemv, gemm or dequant for M rows of x (`dtype`) on `device` (None: the current CUDA device, if any)."""
     if M <= GEMV_MAX_M:
         return "gemv"
-    if device is None:
+    if dtype != torch.float16:
+        index = None
+    elif device is None:
         index = torch.cuda.current_device() if torch.cuda.is_available() else None
     elif device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -143,14 +147,15 @@ def _forward(x2d, packed, scale, zero, bits, group, down, up, bias, cfg: dict | 
     """y (M, N) for x2d (M, K); `cfg` and `kind` force a config / kernel (the benchmark uses them)."""
     M, K = x2d.shape
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
-    kind = kind or kernel_kind(M, bits, x2d.device)
+    kind = kind or kernel_kind(M, bits, x2d.device, x2d.dtype)
     has_lr = down is not None
     shape = (kind, M, packed.shape[0], K, down.shape[0] if has_lr else 0, bits, group, bias is not None, x2d.dtype,
              x2d.device, x2d.stride(0), packed.stride(0))
     tensors = (x2d, packed, scale, zero, bias, down, up)
     if cfg is None:
         tune_run = lambda c: _launch(_plan(c, *shape), *tensors)  # noqa: E731 -- the tuner times candidates
-        cfg = config_for(kind, M, shape[2], K, bits, group, x2d.device, tune_run, "|lr" if has_lr else "")
+        variant = ("|lr" if has_lr else "") + ("|bf16" if kind == "gemm" and x2d.dtype == torch.bfloat16 else "")
+        cfg = config_for(kind, M, shape[2], K, bits, group, x2d.device, tune_run, variant)
     plan = _PLANS.get(shape)
     if plan is None or plan[0] is not cfg:  # a new shape, or its config changed (tuned, table edited)
         plan = _plan(cfg, *shape)
@@ -289,7 +294,7 @@ def lowbit_linear_checked(x: torch.Tensor, packed: torch.Tensor, scale: torch.Te
         return lowbit_matmul_ref(x, packed, scale, zero, bits, group, down, up, bias)
     if down is not None:  # the kernels read the factors in x's dtype; autograd undoes the cast
         down, up = down.to(x.dtype).contiguous(), up.to(x.dtype).contiguous()
-    if kernel_kind(x.numel() // K, bits, x.device) == "dequant":
+    if kernel_kind(x.numel() // K, bits, x.device, x.dtype) == "dequant":
         return dequant_linear(x, packed, scale, zero, bits, group, down, up, bias)
     N = packed.shape[0]
     if not needs_grad(x, down, up, bias):  # inference: skip autograd.Function's overhead (it matters at decode sizes)

@@ -8,9 +8,9 @@ fused q|k|v 6144x4096 and gate|up 28672x4096 of slimforge/fused_projections.py) 
 cache ($SLIMFORGE_CACHE or ~/.cache/slimforge, file lowbit_configs.json) that a shape missing from
 both fills on first use by timing a short candidate list (gpu_time_us: cold L2, launch cost
 hidden). SLIMFORGE_LOWBIT_TUNE=0 skips tuning (heuristic config); nothing is tuned during CUDA-graph
-capture. The fused low-rank variant has entries of its own (key suffix |lr); bf16 reuses the fp16
-entry. A GEMM config may carry FIELDS (1, 2: the per-field kernel, kernels/lowbit_tiles.py
-_fields_tile; 3: _fields_words_tile; absent or 0: the plain one), MMA (3, the default: wgmma
+capture. The fused low-rank variant has entries of its own (key suffix |lr), and so has a GEMM on
+bf16 x (suffix |bf16, after |lr; the other kinds share fp16's entries). A GEMM config may carry
+FIELDS (1, 2: the per-field kernel, kernels/lowbit_tiles.py _fields_tile; 3: _fields_words_tile; absent or 0: the plain one), MMA (3, the default: wgmma
 where triton picks it; 2: mma.sync), NT (1: the un-swapped product, _dequant_kn) and HALF2 (0 turns
 off the half2 dequantisation that FIELDS 1/2 and NT use for fp16 x; tuned with it on). A forward
 config may carry `maxnreg` (Triton's register cap); none shipped does: on the H200 it did not speed up the M=1 GEMV (benchmarks/2026-11-30-h200-lowbit-gemv-maxnreg-negative.json).
@@ -214,8 +214,11 @@ def config_for(kind: str, M: int, N: int, K: int, bits: int, group: int, device:
 
     variant "|lr" (the fused low-rank kernel) has entries of its own: its t-programs take their
     shape from num_warps, so its best config is not the plain kernel's (on an H200 the plain W2
-    GEMV's 1-warp pick cost the 8B W2 + rank-64 model 8% of its decode speed). Where it cannot be
-    tuned (CUDA-graph capture, SLIMFORGE_LOWBIT_TUNE=0) it falls back to the plain entry."""
+    GEMV's 1-warp pick cost the 8B W2 + rank-64 model 8% of its decode speed). So has "|bf16" (a
+    GEMM on bf16 x, which takes the fp32 dequantisation route where fp16 takes half2: the tiles
+    tuned with half2 cost bf16 up to 16% in a CUDA graph). Where a variant cannot be tuned
+    (CUDA-graph capture, SLIMFORGE_LOWBIT_TUNE=0) it falls back to the nearest entry: key|lr for
+    key|lr|bf16, then the plain key."""
     if kind in OVERRIDE:
         return OVERRIDE[kind]
     if device.type != "cuda":
@@ -227,8 +230,10 @@ def config_for(kind: str, M: int, N: int, K: int, bits: int, group: int, device:
         return hit
     candidates = CANDIDATES[kind](M, N, K, bits, _sm_count(device), group)
     tune_off = os.environ.get("SLIMFORGE_LOWBIT_TUNE", "1") == "0"
-    if variant and key in table and (tune_off or torch.cuda.is_current_stream_capturing()):
-        return table[key]
+    if variant and (tune_off or torch.cuda.is_current_stream_capturing()):
+        for nearer in (key + variant.replace("|bf16", ""), key):
+            if nearer in table:
+                return table[nearer]
     if torch.cuda.is_current_stream_capturing():
         return candidates[0]
     if tune_off:

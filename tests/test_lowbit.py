@@ -58,6 +58,15 @@ def test_fused_low_rank_configs_are_tuned_apart_and_fall_back_to_the_plain_entry
     assert got == tuned[0][1] and table[key + "|lr"] == got and table[key] == plain
     # every GEMV launch shape is tried with and without the hand prefetch
     assert {c["PREFETCH"] for c in tuned[0]} == {True, False} and len(tuned[0]) == 24
+    # bf16 GEMMs (the fp32 dequantisation route) have entries of their own, falling back to the nearest
+    bf16, bf16_lr = dict(plain, num_warps=4), dict(fused, num_warps=8)
+    table[key + "|bf16"], table[key + "|lr|bf16"] = bf16, bf16_lr
+    assert (pick("|bf16"), pick("|lr|bf16"), pick(""), pick("|lr")) == (bf16, bf16_lr, plain, got)
+    monkeypatch.setenv("SLIMFORGE_LOWBIT_TUNE", "0")
+    del table[key + "|lr|bf16"]
+    assert pick("|lr|bf16") == got  # key|lr before the plain key
+    del table[key + "|lr"]
+    assert pick("|lr|bf16") == plain
 
 
 def test_mma_v2_compiles_with_wgmma_disabled_and_leaves_the_environment_as_it_was(monkeypatch):
@@ -143,6 +152,8 @@ def test_dispatch_follows_the_measured_crossovers(monkeypatch):
     try:
         assert [kernel_kind(m, 4, torch.device("cuda", 0)) for m in (128, 129)] == ["gemm", "dequant"]
         assert [kernel_kind(m, 2, torch.device("cuda", 1)) for m in (127, 128)] == ["gemm", "dequant"]
+        # bf16 (no half2 dequantisation) keeps the default crossover
+        assert [kernel_kind(m, 4, torch.device("cuda", 0), torch.bfloat16) for m in (127, 128)] == ["gemm", "dequant"]
     finally:
         lowbit._dequant_min_m.cache_clear()
 

@@ -85,3 +85,12 @@ def git_commit_all(repo: Path, message: str) -> None:
     _git("init", "-q", cwd=repo)
     _git("add", "-A", cwd=repo)
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
+
+
+def prefect_harness():
+    """prefect_test_harness with room to start: its ephemeral server (a subprocess running the
+    database migrations) missed the default 30 s on a loaded 2-core CI machine (.ci/lower_bounds,
+    2026-12-01)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    return prefect_test_harness(server_startup_timeout=180)

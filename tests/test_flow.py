@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.pipeline import BadInput, headline, pipeline
 from tests.conftest import REPO
+from tests.helpers import prefect_harness
 
 STAGE = """import json, pathlib, sys
 name = sys.argv[1]
@@ -29,9 +30,7 @@ pathlib.Path(f"metrics/{name}.json").write_text(json.dumps({"acc": 0.5, "kind": 
 
 @pytest.fixture(scope="module")
 def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
+    with prefect_harness():
         yield
 
 

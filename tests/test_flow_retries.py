@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from flows.pipeline import BadInput, main, repro, transient
+from tests.helpers import prefect_harness
 
 
 def _toy_repo(tmp_path, cmd: str):
@@ -23,8 +24,6 @@ def _attempts(tmp_path) -> int:
 
 def test_bad_input_fails_once_without_retries(tmp_path):
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
-
     refuse = (f"{sys.executable} -c \"import sys; open('attempts', 'a').write('x'); "
               "print('error: params/toy.yaml: unknown key lerning_rate', file=sys.stderr); sys.exit(2)\"")
     root = _toy_repo(tmp_path, refuse)
@@ -33,7 +32,7 @@ def test_bad_input_fails_once_without_retries(tmp_path):
     def one(root):
         return repro(stage="toy", parent_run_id="none", root=root)
 
-    with prefect_test_harness(), pytest.raises(BadInput, match="stage toy: params/toy.yaml: unknown key lerning_rate"):
+    with prefect_harness(), pytest.raises(BadInput, match="stage toy: params/toy.yaml: unknown key lerning_rate"):
         one(root)
     assert _attempts(tmp_path) == 1  # retries=2 would have made it 3
 
@@ -56,8 +55,6 @@ def test_serve_without_a_server_is_refused(monkeypatch):
 def test_nproc_reaches_the_stage(tmp_path, monkeypatch):
     """`pipeline(nproc=N)` (`slimforge run --nproc N`) hands SLIMFORGE_NPROC to each stage's process."""
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
-
     monkeypatch.delenv("SLIMFORGE_NPROC", raising=False)
     record = f"{sys.executable} -c \"import os; open('out.txt', 'w').write(os.environ.get('SLIMFORGE_NPROC', 'unset'))\""
     root = _toy_repo(tmp_path, record)
@@ -66,7 +63,7 @@ def test_nproc_reaches_the_stage(tmp_path, monkeypatch):
     def one(root, nproc):
         return repro(stage="toy", parent_run_id="none", root=root, nproc=nproc)
 
-    with prefect_test_harness():
+    with prefect_harness():
         one(root, 3)
         assert (tmp_path / "out.txt").read_text() == "3"
         (tmp_path / "out.txt").unlink()

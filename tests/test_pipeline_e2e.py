@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import copy_source_tree, git_commit_all
+from tests.helpers import copy_source_tree, git_commit_all, prefect_harness
 
 TINY_DATA = {"train_per_family": {"add": 150, "sub": 150, "mul": 150}, "val_per_family": 10,
              "test_per_family": 15, "judge_train": 60, "judge_test": 20,
@@ -98,14 +98,12 @@ def test_dvc_repro_then_nothing_to_do(clone):
 
 
 def test_prefect_flow_runs_stages_under_one_mlflow_parent(clone, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.pipeline import pipeline
 
     # a lora evaluation param: lora reruns, its adapter comes out byte-identical, so DVC reruns only
     # what reads its metrics (package, report), not filter or rl (they read the adapter)
     write_params(clone, {"lora": {**TINY_LORA, "eval_batch_size": 32}})
-    with prefect_test_harness():
+    with prefect_harness():
         results = pipeline(root=str(clone))
         from prefect.artifacts import Artifact
 
@@ -134,8 +132,6 @@ def test_sweep_flow_reuses_upstream_stages_registers_its_best_and_resumes(clone)
     and after a point's experiment is lost (a killed run) a rerun runs only that point."""
     import subprocess as sp
 
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.sweep import finished_points, sweep
 
     def commit(message):  # the earlier tests left params and outputs changed: the sweep's baseline is this
@@ -148,7 +144,7 @@ def test_sweep_flow_reuses_upstream_stages_registers_its_best_and_resumes(clone)
     (clone / "params/sweep.yaml").write_text(yaml.safe_dump({
         "name": "tiny", "grid": {"params/report.yaml:repeats": [1, 2]}, "models": ["pruned", "quantized", "full"],
         "budget": {"max_mb": 1000}, "out": "sweeps"}))
-    with prefect_test_harness():
+    with prefect_harness():
         first = sweep(root=str(clone))
         assert [p["status"] for p in first["points"]] == ["ran", "ran"]
         # package reruns too: a point turns register_model off (the sweep registers only its best point)

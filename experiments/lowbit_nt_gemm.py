@@ -88,19 +88,25 @@ def _nt_kernel(X, XF, P, P16, S, Z, Y, WS, CNT, M, N, K, stride_xm, stride_ym, s
             False, False, SPLIT_K, 16, False, UPCAST)
 
 
-def nt_linear(x, packed, scale, zero, bits, group, cfg):
-    """y = x @ W_hat^T through _nt_kernel with launch config `cfg`."""
+def nt_outputs(x, packed, cfg):
+    """(M, N, K, y, split-K workspace, grid size, counters) of one NT launch with config `cfg`."""
     M, K = x.shape
     N = packed.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     split = cfg["SPLIT_K"]
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     ws = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
+    return M, N, K, y, ws, tiles * split, lowbit._counters(x.device, 65 + tiles)
+
+
+def nt_linear(x, packed, scale, zero, bits, group, cfg):
+    """y = x @ W_hat^T through _nt_kernel with launch config `cfg`."""
+    M, N, K, y, ws, grid, counters = nt_outputs(x, packed, cfg)
     xf = lowbit._field_order(x, bits).contiguous() if cfg["VARIANT"] == 2 else x
-    _nt_kernel[(tiles * split,)](
-        x, xf, packed, packed.view(torch.int16), scale, zero, y, ws, lowbit._counters(x.device, 65 + tiles),
+    _nt_kernel[(grid,)](
+        x, xf, packed, packed.view(torch.int16), scale, zero, y, ws, counters,
         M, N, K, x.stride(0), y.stride(0), packed.stride(0), BITS=bits, GROUP=group, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, VARIANT=cfg["VARIANT"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"], VARIANT=cfg["VARIANT"],
         UPCAST=lowbit._upcast(x.dtype, x.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 

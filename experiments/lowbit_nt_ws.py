@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import lowbit, lowbit_tune
+from experiments.lowbit_nt_gemm import _compile_job, nt_outputs
+from kernels import lowbit_tune
 from kernels.lowbit_half2 import _dequant_kn_half2
 from kernels.lowbit_triton import _finish
 
@@ -51,16 +52,11 @@ def _nt_ws_kernel(X, P, S, Z, Y, WS, CNT, M, N, K, stride_xm, stride_ym, stride_
 
 
 def nt_ws_linear(x, packed, scale, zero, bits, group, cfg):
-    M, K = x.shape
-    N = packed.shape[0]
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    split = cfg["SPLIT_K"]
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    ws = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
-    _nt_ws_kernel[(tiles * split,)](
-        x, packed, scale, zero, y, ws, lowbit._counters(x.device, 65 + tiles), M, N, K, x.stride(0), y.stride(0),
+    M, N, K, y, ws, grid, counters = nt_outputs(x, packed, cfg)
+    _nt_ws_kernel[(grid,)](
+        x, packed, scale, zero, y, ws, counters, M, N, K, x.stride(0), y.stride(0),
         packed.stride(0), BITS=bits, GROUP=group, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        SPLIT_K=split, WARP_SPEC=cfg["WARP_SPEC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SPLIT_K=cfg["SPLIT_K"], WARP_SPEC=cfg["WARP_SPEC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
@@ -78,7 +74,6 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=14)
     args = ap.parse_args()
     from experiments.lowbit_fields import problems
-    from experiments.lowbit_nt_gemm import _compile_job
     from experiments.lowbit_small_m import time_configs
     from kernels.bench_lowbit import gpu_time_us
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from kernels import lowbit, lowbit_dequant, lowbit_tune
+from kernels import lowbit, lowbit_candidates, lowbit_dequant, lowbit_tune
 from slimforge.quantized import pack_linears
 from stages.quantize.bench_speed import dense_8b
 
@@ -49,7 +49,7 @@ def without_nt(gpu: str, small_lens) -> None:
     table = lowbit_tune.tables().get(gpu, {})
     for key in [k for k in table if k.startswith("gemm|") and "m" + k.split("|")[1].rsplit("m", 1)[1] in buckets]:
         del table[key]  # key: gemm|b4g128n4096k4096m64[|lr]
-    lowbit_tune._nt_candidates = lambda *a, **k: []
+    lowbit_candidates._nt_candidates = lambda *a, **k: []  # what _gemm_candidates calls
 
 
 def host_rows() -> list[dict]:

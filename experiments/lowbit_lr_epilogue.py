@@ -1,13 +1,17 @@
 """Issue 19 probe: where the fused low-rank correction's extra time goes at M = 1 and 16, and whether
-loading its `up` tile earlier or cutting the GEMM t-programs' K-slice recovers it.
+loading its `up` tile earlier, loading the t-programs' partials several at a time, or another
+GEMM t-program K-slice recovers it.
 
     python -m experiments.lowbit_lr_epilogue --out lr.json [--m 1 16] [--bits 4 2] [--rank 64]
 
 Each point runs the shipped configs (the plain key, and key|lr for the correction) in the tuner's
 harness (cold L2, launch hidden; two interleaved rounds, median of each, the lower kept), against
 cuBLAS fp16 in the same run. Variants of the correction on the |lr tile: UP_EARLY 0 (up tile loaded
-after the wait on the t-programs, the shipped behaviour), 1 (before the wait and the split-K sums),
-2 (at the program's start); for the GEMM also the t-programs' K-slice T_K (1024 shipped, 512, 256).
+after the wait on the t-programs), 1 (before the wait and the split-K sums), 2 (at the program's
+start); T_UNROLL, how many K-slice partials of t an output tile loads at once (1: one L2 round trip
+each, 4, 8); for the GEMM also the t-programs' K-slice T_K (1024 default, 512, 2048).
+A first run (UP_EARLY 0/1/2 only, T_K 256/512/1024) found no consistent UP_EARLY winner and smaller
+T_K slower in proportion to the partials it adds: what led to T_UNROLL.
 Overhead = lr time / plain time - 1; the target is <= 15%.
 """
 
@@ -26,9 +30,9 @@ SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 
 
 def variants(kind: str) -> list[dict]:
-    out = [dict(UP_EARLY=e) for e in (0, 1, 2)]
+    out = [dict(UP_EARLY=0, T_UNROLL=1)] + [dict(UP_EARLY=e, T_UNROLL=u) for e in (0, 1) for u in (4, 8)]
     if kind == "gemm":
-        out += [dict(UP_EARLY=e, T_K=t) for e in (0, 1) for t in (512, 256)]
+        out += [dict(UP_EARLY=0, T_UNROLL=8, T_K=t) for t in (512, 2048)]
     return out
 
 

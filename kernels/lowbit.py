@@ -97,6 +97,8 @@ DIRECT_LAUNCH = True
 # Where the fused low-rank term loads its `up` tile (kernels/lowbit_triton.py _finish): 0 after the
 # wait on the t-programs, 1 before it, 2 at the program's start. A config's UP_EARLY wins.
 UP_EARLY = 0
+# How many of the t-programs' K-slice partials an output tile loads at once (a config's T_UNROLL wins).
+T_UNROLL = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,9 +156,11 @@ def _plan(cfg, kind, M, N, K, R, bits, group, has_bias, dtype, device, stride_xm
     half2 = int(bool(cfg.get("HALF2", 1)) and (fields in (1, 2) or bool(cfg.get("NT"))) and dtype == torch.float16
                 and bits in (2, 4) and kind == "gemm" and cfg["BLOCK_K"] <= group)
     up_early = cfg.get("UP_EARLY", UP_EARLY) if has_lr else 0
-    kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True), UP_EARLY=up_early))
+    t_unroll = cfg.get("T_UNROLL", T_UNROLL) if has_lr else 1
+    kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True), UP_EARLY=up_early,
+                                          T_UNROLL=t_unroll))
                      if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma, NT=cfg.get("NT", 0),
-                                              HALF2=half2, ASM=device.type == "cuda", UP_EARLY=up_early,
+                                              HALF2=half2, ASM=device.type == "cuda", UP_EARLY=up_early, T_UNROLL=t_unroll,
                                               T_KG=cfg.get("T_K", T_K_GEMM) if has_lr else T_K_GEMM)))
     named = dict(M=M, N=N, K=K, R=R, TS=ts, stride_xm=stride_xm, stride_ym=N, stride_p=stride_p, n_tprog=n_tprog,
                  BITS=bits, GROUP=group, HAS_BIAS=has_bias, HAS_LR=has_lr, BLOCK_M=bm, SPLIT_K=split,

@@ -68,7 +68,7 @@ if triton is not None:
     @triton.jit
     def _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons, up,
                   HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, LR_DOT: tl.constexpr,
-                  UPCAST: tl.constexpr, UP_EARLY: tl.constexpr):
+                  UPCAST: tl.constexpr, UP_EARLY: tl.constexpr, T_UNROLL: tl.constexpr):
         """y[m, n] (fp32) += t @ up^T (+ bias); store in Y's dtype. UP_EARLY 0: the `up` tile is loaded
         here, after t; else `up` is that tile, loaded earlier by the caller (_finish says where).
 
@@ -84,8 +84,11 @@ if triton is not None:
             r = tl.arange(0, BLOCK_R)
             tmask = (m < M)[:, None] & (r < R)[None, :]
             t = tl.zeros((y.shape[0], BLOCK_R), tl.float32)
-            for s in range(TS):  # K-slice partials, in order
-                t += tl.load(T + (s * M + m[:, None]) * R + r[None, :], mask=tmask, other=0.0, cache_modifier=".cg")
+            # K-slice partials, in order, T_UNROLL loads in flight: one at a time, each was a round trip to L2
+            for s0 in range(0, TS, T_UNROLL):
+                for j in tl.static_range(T_UNROLL):
+                    t += tl.load(T + ((s0 + j) * M + m[:, None]) * R + r[None, :], mask=tmask & (r * 0 + s0 + j < TS)[None, :], other=0.0,
+                                 cache_modifier=".cg")
             if UP_EARLY == 0:
                 up = _up_tile(U, n, N, R, BLOCK_R)
             if LR_DOT:  # t as a hi + lo pair in up's dtype: two tensor-core products, ~fp32 accuracy
@@ -108,7 +111,8 @@ if triton is not None:
     @triton.jit
     def _finish(y, m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons, up,
                 HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, SPLIT_K: tl.constexpr,
-                BLOCK_R: tl.constexpr, LR_DOT: tl.constexpr, UPCAST: tl.constexpr, UP_EARLY: tl.constexpr):
+                BLOCK_R: tl.constexpr, LR_DOT: tl.constexpr, UPCAST: tl.constexpr, UP_EARLY: tl.constexpr,
+                T_UNROLL: tl.constexpr):
         """Split-K fix-up, then the epilogue, for one [BLOCK_M, BLOCK_N] output tile. The low-rank
         term's `up` tile: UP_EARLY 2, `up` (loaded at the program's start); 1, loaded here before the
         wait on the t-programs and the split-K sums, so its DRAM latency overlaps theirs; 0, by _epilogue."""
@@ -117,7 +121,7 @@ if triton is not None:
             if HAS_LR and UP_EARLY == 1:
                 upe = _up_tile(U, n, N, R, BLOCK_R)
             _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons, upe,
-                      HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST, UP_EARLY)
+                      HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST, UP_EARLY, T_UNROLL)
         else:
             mask = (m < M)[:, None] & (n < N)[None, :]
             tl.store(WS + (pid_k * M + m[:, None]) * N + n[None, :], y, mask=mask)
@@ -133,14 +137,14 @@ if triton is not None:
                                  cache_modifier=".cg")
                 tl.atomic_xchg(CNT + 2 * _SLOTS + 1 + tile, 0)
                 _epilogue(total, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons, upe,
-                          HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST, UP_EARLY)
+                          HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST, UP_EARLY, T_UNROLL)
 
     @triton.jit
     def _gemv_kernel(X, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                      SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, T_WARPS: tl.constexpr,
-                     PREFETCH: tl.constexpr, UP_EARLY: tl.constexpr):
+                     PREFETCH: tl.constexpr, UP_EARLY: tl.constexpr, T_UNROLL: tl.constexpr):
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
@@ -191,7 +195,7 @@ if triton is not None:
                 acc = tl.fma(tl.fma(-z.to(tl.float32), xs, t * 562949953421312.0), s.to(tl.float32), acc)  # 2**49
             _finish(tl.sum(acc, axis=1)[None, :], m + tl.arange(0, 1), n, tile, pid_k, Y, B, U, T, WS, CNT,
                     M, N, R, TS, stride_ym, n_tprog, M * tl.cdiv(N, BLOCK_N), up, HAS_BIAS, HAS_LR, SPLIT_K,
-                    BLOCK_R, False, UPCAST, UP_EARLY)
+                    BLOCK_R, False, UPCAST, UP_EARLY, T_UNROLL)
 
     @triton.jit
     def _gemm_kernel(X, XF, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
@@ -199,7 +203,7 @@ if triton is not None:
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr,
                      MMA: tl.constexpr, NT: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, T_KG: tl.constexpr,
-                     UP_EARLY: tl.constexpr):
+                     UP_EARLY: tl.constexpr, T_UNROLL: tl.constexpr):
         """MMA (2 or 3) is read by the launcher, not here: it compiles MMA=2 with wgmma disabled
         (kernels/lowbit_launch.py _mma_version), and as a constexpr it keeps the two binaries apart.
         NT: the product un-swapped, x tile as the MMA's A operand and the k-major dequantised
@@ -252,7 +256,8 @@ if triton is not None:
                                  other=0.0)
                     acc = _mma(w, xt, acc, UPCAST)
             _finish(acc if NT else tl.trans(acc), m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym,
-                    n_tprog, n_m * tl.cdiv(N, BLOCK_N), up, HAS_BIAS, HAS_LR, SPLIT_K, BLOCK_R, True, UPCAST, UP_EARLY)
+                    n_tprog, n_m * tl.cdiv(N, BLOCK_N), up, HAS_BIAS, HAS_LR, SPLIT_K, BLOCK_R, True, UPCAST, UP_EARLY,
+                    T_UNROLL)
 
     @triton.jit
     def _dx_kernel(DY, P, P16, S, Z, D, UU, DX, M, N, K, R, stride_dym, stride_dxm, stride_p,

@@ -94,11 +94,6 @@ if triton is not None:
 # Forward launches go through the compiled kernel's own launcher after the first (kernels/direct_launch.py):
 # an eager forward of a quantized model at prefill sizes is host-bound. False: triton's JIT entry point.
 DIRECT_LAUNCH = True
-# Where the fused low-rank term loads its `up` tile (kernels/lowbit_triton.py _finish): 0 after the
-# wait on the t-programs, 1 before it, 2 at the program's start. A config's UP_EARLY wins.
-UP_EARLY = 0
-# How many of the t-programs' K-slice partials an output tile loads at once (a config's T_UNROLL wins).
-T_UNROLL = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +142,7 @@ def _plan(cfg, kind, M, N, K, R, bits, group, has_bias, dtype, device, stride_xm
     tiles = math.ceil(N / cfg["BLOCK_N"]) * (M if kind == "gemv" else math.ceil(M / bm))
     ts = n_tprog = 0
     if has_lr:
-        ts = math.ceil(K / (T_K // 4 * cfg["num_warps"] // bm)) if kind == "gemv" else math.ceil(K / cfg.get("T_K", T_K_GEMM))
+        ts = math.ceil(K / (T_K // 4 * cfg["num_warps"] // bm)) if kind == "gemv" else math.ceil(K / T_K_GEMM)
         n_tprog = math.ceil(R / T_ROWS) * ts if kind == "gemv" else math.ceil(M / bm) * ts
     fields = cfg.get("FIELDS", 0) if kind == "gemm" else 0
     mma = cfg.get("MMA", 3) if kind == "gemm" else 3
@@ -155,13 +150,9 @@ def _plan(cfg, kind, M, N, K, R, bits, group, has_bias, dtype, device, stride_xm
     # only (bf16 keeps the fp32 route), per-row scale tiles of 2/4-bit
     half2 = int(bool(cfg.get("HALF2", 1)) and (fields in (1, 2) or bool(cfg.get("NT"))) and dtype == torch.float16
                 and bits in (2, 4) and kind == "gemm" and cfg["BLOCK_K"] <= group)
-    up_early = cfg.get("UP_EARLY", UP_EARLY) if has_lr else 0
-    t_unroll = cfg.get("T_UNROLL", T_UNROLL) if has_lr else 1
-    kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True), UP_EARLY=up_early,
-                                          T_UNROLL=t_unroll))
+    kernel, extra = ((_gemv_kernel, dict(T_WARPS=cfg["num_warps"], PREFETCH=cfg.get("PREFETCH", True)))
                      if kind == "gemv" else (_gemm_kernel, dict(FIELDS=fields, MMA=mma, NT=cfg.get("NT", 0),
-                                              HALF2=half2, ASM=device.type == "cuda", UP_EARLY=up_early, T_UNROLL=t_unroll,
-                                              T_KG=cfg.get("T_K", T_K_GEMM) if has_lr else T_K_GEMM)))
+                                              HALF2=half2, ASM=device.type == "cuda")))
     named = dict(M=M, N=N, K=K, R=R, TS=ts, stride_xm=stride_xm, stride_ym=N, stride_p=stride_p, n_tprog=n_tprog,
                  BITS=bits, GROUP=group, HAS_BIAS=has_bias, HAS_LR=has_lr, BLOCK_M=bm, SPLIT_K=split,
                  BLOCK_R=max(16, pow2(R)), UPCAST=_upcast(dtype, device),

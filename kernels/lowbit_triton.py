@@ -13,14 +13,14 @@ except ImportError:  # a machine without triton still gets the reference (kernel
     triton = None
 
 T_ROWS, T_K = 4, 2048  # GEMV-mode t-program, 4 warps: 4 rows of `down` x 2048 columns (16 KB, one pass)
-T_K_GEMM = 1024  # GEMM-mode t-program: K-slice per program (a config's T_K, if it has one)
+T_K_GEMM = 1024  # GEMM-mode t-program: K-slice per program
 
 
 if triton is not None:
     from kernels.lowbit_half2 import _dequant_kn_half2, _fields_tile_half2
     from kernels.lowbit_tiles import _dequant, _dequant_kn, _field, _fields_tile, _fields_words_tile, _gemv_tile, _mma
 
-    _T_ROWS, _T_K = tl.constexpr(T_ROWS), tl.constexpr(T_K)
+    _T_ROWS, _T_K, _T_K_GEMM = tl.constexpr(T_ROWS), tl.constexpr(T_K), tl.constexpr(T_K_GEMM)
     _SLOTS = tl.constexpr(32)  # counter slots, see _epilogue
 
     @triton.jit
@@ -44,14 +44,14 @@ if triton is not None:
 
     @triton.jit
     def _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                UPCAST: tl.constexpr, TK: tl.constexpr):
-        """t-program (GEMM mode): T[slice, m-tile, :] = x[m-tile, slice] @ down[:, slice]^T, TK columns a slice."""
+                UPCAST: tl.constexpr):
+        """t-program (GEMM mode): T[slice, m-tile, :] = x[m-tile, slice] @ down[:, slice]^T."""
         n_mt = tl.cdiv(M, BLOCK_M)
         ks = pid // n_mt
         m = (pid % n_mt) * BLOCK_M + tl.arange(0, BLOCK_M)
         r = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-        for k0 in range(ks * TK, tl.minimum(ks * TK + TK, K), 64):
+        for k0 in range(ks * _T_K_GEMM, tl.minimum(ks * _T_K_GEMM + _T_K_GEMM, K), 64):
             k = k0 + tl.arange(0, 64)
             x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :], other=0.0)
             d = tl.load(D + r[None, :] * K + k[:, None], mask=(r < R)[None, :] & (k < K)[:, None], other=0.0)
@@ -61,16 +61,10 @@ if triton is not None:
         tl.atomic_add(CNT + tl.arange(0, _SLOTS), 1, sem="release")
 
     @triton.jit
-    def _up_tile(U, n, N, R, BLOCK_R: tl.constexpr):
-        r = tl.arange(0, BLOCK_R)
-        return tl.load(U + n[:, None] * R + r[None, :], mask=(n < N)[:, None] & (r < R)[None, :], other=0.0)
-
-    @triton.jit
-    def _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons, up,
+    def _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
                   HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, LR_DOT: tl.constexpr,
-                  UPCAST: tl.constexpr, UP_EARLY: tl.constexpr, T_UNROLL: tl.constexpr):
-        """y[m, n] (fp32) += t @ up^T (+ bias); store in Y's dtype. UP_EARLY 0: the `up` tile is loaded
-        here, after t; else `up` is that tile, loaded earlier by the caller (_finish says where).
+                  UPCAST: tl.constexpr):
+        """y[m, n] (fp32) += t @ up^T (+ bias); store in Y's dtype.
 
         Counters (CNT[0:32] ready, CNT[32:64] done, CNT[64] slots done) are spread over 32
         addresses: thousands of output tiles hitting one address serialise in L2 (measured +10 us
@@ -84,13 +78,9 @@ if triton is not None:
             r = tl.arange(0, BLOCK_R)
             tmask = (m < M)[:, None] & (r < R)[None, :]
             t = tl.zeros((y.shape[0], BLOCK_R), tl.float32)
-            # K-slice partials, in order, T_UNROLL loads in flight: one at a time, each was a round trip to L2
-            for s0 in range(0, TS, T_UNROLL):
-                for j in tl.static_range(T_UNROLL):
-                    t += tl.load(T + ((s0 + j) * M + m[:, None]) * R + r[None, :], mask=tmask & (r * 0 + s0 + j < TS)[None, :], other=0.0,
-                                 cache_modifier=".cg")
-            if UP_EARLY == 0:
-                up = _up_tile(U, n, N, R, BLOCK_R)
+            for s in range(TS):  # K-slice partials, in order
+                t += tl.load(T + (s * M + m[:, None]) * R + r[None, :], mask=tmask, other=0.0, cache_modifier=".cg")
+            up = tl.load(U + n[:, None] * R + r[None, :], mask=(n < N)[:, None] & (r < R)[None, :], other=0.0)
             if LR_DOT:  # t as a hi + lo pair in up's dtype: two tensor-core products, ~fp32 accuracy
                 hi = t.to(up.dtype)
                 lo = (t - hi.to(tl.float32)).to(up.dtype)
@@ -109,42 +99,33 @@ if triton is not None:
                  mask=(m < M)[:, None] & (n < N)[None, :])
 
     @triton.jit
-    def _finish(y, m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons, up,
+    def _finish(y, m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
                 HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, SPLIT_K: tl.constexpr,
-                BLOCK_R: tl.constexpr, LR_DOT: tl.constexpr, UPCAST: tl.constexpr, UP_EARLY: tl.constexpr,
-                T_UNROLL: tl.constexpr):
-        """Split-K fix-up, then the epilogue, for one [BLOCK_M, BLOCK_N] output tile. The low-rank
-        term's `up` tile: UP_EARLY 2, `up` (loaded at the program's start); 1, loaded here before the
-        wait on the t-programs and the split-K sums, so its DRAM latency overlaps theirs; 0, by _epilogue."""
+                BLOCK_R: tl.constexpr, LR_DOT: tl.constexpr, UPCAST: tl.constexpr):
+        """Split-K fix-up, then the epilogue, for one [BLOCK_M, BLOCK_N] output tile."""
         if SPLIT_K == 1:
-            upe = up
-            if HAS_LR and UP_EARLY == 1:
-                upe = _up_tile(U, n, N, R, BLOCK_R)
-            _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons, upe,
-                      HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST, UP_EARLY, T_UNROLL)
+            _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
+                      HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST)
         else:
             mask = (m < M)[:, None] & (n < N)[None, :]
             tl.store(WS + (pid_k * M + m[:, None]) * N + n[None, :], y, mask=mask)
             tl.debug_barrier()  # every thread's partial before the release below
             arrived = tl.atomic_add(CNT + 2 * _SLOTS + 1 + tile, 1)
             if arrived == SPLIT_K - 1:  # last slice in: sum all slices in a fixed order
-                upe = up
-                if HAS_LR and UP_EARLY == 1:
-                    upe = _up_tile(U, n, N, R, BLOCK_R)
                 total = tl.zeros_like(y)
                 for s in tl.static_range(SPLIT_K):
                     total += tl.load(WS + (s * M + m[:, None]) * N + n[None, :], mask=mask, other=0.0,
                                  cache_modifier=".cg")
                 tl.atomic_xchg(CNT + 2 * _SLOTS + 1 + tile, 0)
-                _epilogue(total, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons, upe,
-                          HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST, UP_EARLY, T_UNROLL)
+                _epilogue(total, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
+                          HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST)
 
     @triton.jit
     def _gemv_kernel(X, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                      SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, T_WARPS: tl.constexpr,
-                     PREFETCH: tl.constexpr, UP_EARLY: tl.constexpr, T_UNROLL: tl.constexpr):
+                     PREFETCH: tl.constexpr):
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
@@ -162,9 +143,6 @@ if triton is not None:
             kw_end = tl.minimum(pid_k * span + span, KW)
             C: tl.constexpr = BLOCK_KW // LO  # units of 32 weights (one scale, zero each) per row
             acc = tl.zeros((BLOCK_N, C), tl.float32)
-            up = 0.0
-            if HAS_LR and UP_EARLY == 2:
-                up = _up_tile(U, n, N, R, BLOCK_R)
             # PREFETCH: software pipelining by hand, the next tile's loads are issued before this tile's
             # math (off: half the registers for the words, for programs of one or two tiles)
             if PREFETCH:
@@ -194,16 +172,15 @@ if triton is not None:
                 xs = tl.sum(tl.reshape(xs, (1, C, LO)), axis=2)
                 acc = tl.fma(tl.fma(-z.to(tl.float32), xs, t * 562949953421312.0), s.to(tl.float32), acc)  # 2**49
             _finish(tl.sum(acc, axis=1)[None, :], m + tl.arange(0, 1), n, tile, pid_k, Y, B, U, T, WS, CNT,
-                    M, N, R, TS, stride_ym, n_tprog, M * tl.cdiv(N, BLOCK_N), up, HAS_BIAS, HAS_LR, SPLIT_K,
-                    BLOCK_R, False, UPCAST, UP_EARLY, T_UNROLL)
+                    M, N, R, TS, stride_ym, n_tprog, M * tl.cdiv(N, BLOCK_N), HAS_BIAS, HAS_LR, SPLIT_K,
+                    BLOCK_R, False, UPCAST)
 
     @triton.jit
     def _gemm_kernel(X, XF, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride_xm, stride_ym, stride_p, n_tprog,
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, FIELDS: tl.constexpr,
-                     MMA: tl.constexpr, NT: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr, T_KG: tl.constexpr,
-                     UP_EARLY: tl.constexpr, T_UNROLL: tl.constexpr):
+                     MMA: tl.constexpr, NT: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr):
         """MMA (2 or 3) is read by the launcher, not here: it compiles MMA=2 with wgmma disabled
         (kernels/lowbit_launch.py _mma_version), and as a constexpr it keeps the two binaries apart.
         NT: the product un-swapped, x tile as the MMA's A operand and the k-major dequantised
@@ -213,7 +190,7 @@ if triton is not None:
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
-                _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M, BLOCK_R, UPCAST, T_KG)
+                _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M, BLOCK_R, UPCAST)
         else:
             pid = pid - n_tprog
             VPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
@@ -224,9 +201,6 @@ if triton is not None:
             m = (tile % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
             span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
             acc = tl.zeros((BLOCK_M, BLOCK_N) if NT else (BLOCK_N, BLOCK_M), tl.float32)
-            up = 0.0
-            if HAS_LR and UP_EARLY == 2:
-                up = _up_tile(U, n, N, R, BLOCK_R)
             for k0 in range(pid_k * span, tl.minimum(pid_k * span + span, K), BLOCK_K):
                 if NT:
                     k = k0 + tl.arange(0, BLOCK_K)
@@ -256,8 +230,7 @@ if triton is not None:
                                  other=0.0)
                     acc = _mma(w, xt, acc, UPCAST)
             _finish(acc if NT else tl.trans(acc), m, n, tile, pid_k, Y, B, U, T, WS, CNT, M, N, R, TS, stride_ym,
-                    n_tprog, n_m * tl.cdiv(N, BLOCK_N), up, HAS_BIAS, HAS_LR, SPLIT_K, BLOCK_R, True, UPCAST, UP_EARLY,
-                    T_UNROLL)
+                    n_tprog, n_m * tl.cdiv(N, BLOCK_N), HAS_BIAS, HAS_LR, SPLIT_K, BLOCK_R, True, UPCAST)
 
     @triton.jit
     def _dx_kernel(DY, P, P16, S, Z, D, UU, DX, M, N, K, R, stride_dym, stride_dxm, stride_p,

@@ -125,16 +125,6 @@ def plan(device: str) -> list[dict]:
         for bits in (4, 3):  # the GEMV without its hand prefetch, several tiles per program
             out.append(dict(bits=bits, group=32, M=2, N=37, K=256, dtype=torch.float16, rank=8, bias=True, override={
                 "gemv": dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=2, num_warps=4, num_stages=1, PREFETCH=False)}))
-        # the low-rank term's `up` tile loaded early (UP_EARLY 1: before the waits, 2: at the program's
-        # start), with and without split-K; GEMM t-programs of 64 columns (T_K: six K-slices here)
-        # and its t partials loaded T_UNROLL at a time (6 or 3 partials: a masked last batch)
-        for early, split, unroll in ((1, 1, 4), (1, 2, 1), (2, 2, 8)):
-            out.append(dict(bits=4, group=64, M=1, N=37, K=384, dtype=torch.float16, rank=40, bias=True, override={
-                "gemv": dict(BLOCK_N=8, BLOCK_KW=8, SPLIT_K=split, num_warps=4, num_stages=1, UP_EARLY=early,
-                             T_UNROLL=unroll)}))
-            out.append(dict(bits=2, group=128, M=17, N=37, K=384, dtype=torch.bfloat16, rank=8, bias=False, override={
-                "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=1,
-                             UP_EARLY=early, T_K=64, T_UNROLL=unroll)}))
         return out
     for bits, group in ((4, 128), (3, 64), (2, 32)):
         for M in (1, 3, 17, 70):

@@ -1,18 +1,18 @@
-"""Issue 19 probe: where the fused low-rank correction's extra time goes at M = 1 and 16, and whether
-loading its `up` tile earlier, loading the t-programs' partials several at a time, or another
-GEMM t-program K-slice recovers it.
+"""Issue 19 probe: where the fused low-rank correction's extra time goes at M = 1 and 16, against the
+plain kernel on the same tile.
 
     python -m experiments.lowbit_lr_epilogue --out lr.json [--m 1 16] [--bits 4 2] [--rank 64]
+        [--variants '[{"DIAG": 1}, {"DIAG": 2}]']
 
 Each point runs the shipped configs (the plain key, and key|lr for the correction) in the tuner's
-harness (cold L2, launch hidden; two interleaved rounds, median of each, the lower kept), against
-cuBLAS fp16 in the same run. Variants of the correction on the |lr tile: UP_EARLY 0 (up tile loaded
-after the wait on the t-programs), 1 (before the wait and the split-K sums), 2 (at the program's
-start); T_UNROLL, how many K-slice partials of t an output tile loads at once (1: one L2 round trip
-each, 4, 8); for the GEMM also the t-programs' K-slice T_K (1024 default, 512, 2048).
-A first run (UP_EARLY 0/1/2 only, T_K 256/512/1024) found no consistent UP_EARLY winner and smaller
-T_K slower in proportion to the partials it adds: what led to T_UNROLL.
-Overhead = lr time / plain time - 1; the target is <= 15%.
+harness (cold L2, launch hidden; two rounds, the second in reverse order, the lower median kept),
+against cuBLAS fp16 in the same run. Overhead = lr time / plain time - 1 (issue 19's target: <= 15%).
+`--variants` adds config keys to the |lr config, one timing each: the keys exist only with the
+patches stored in benchmarks/2026-12-01-h200-lowbit-lr-epilogue.json applied (`git apply`): UP_EARLY
+(where the `up` tile is loaded), T_UNROLL (t partials loaded several at a time), T_K (the GEMM
+t-programs' K-slice), DIAG (1: no wait on the t-programs, 2: and no t loads, 3: and no counter
+bookkeeping, 4: no low-rank term in the epilogue: timing only, wrong results). Counters are zeroed
+after each timing, since DIAG 3 and 4 leave them set.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ from kernels.bench_lowbit import gpu_time_us, make_weight
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 
 
-def variants(kind: str) -> list[dict]:
-    out = [dict(UP_EARLY=0, T_UNROLL=1)] + [dict(UP_EARLY=e, T_UNROLL=u) for e in (0, 1) for u in (4, 8)]
-    if kind == "gemm":
-        out += [dict(UP_EARLY=0, T_UNROLL=8, T_K=t) for t in (512, 2048)]
-    return out
+def _zero_counters() -> None:
+    for counters in lowbit._COUNTERS.values():
+        counters.zero_()
 
 
 def main() -> None:
@@ -43,8 +41,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 2])
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--variants", default="[{}]", help="JSON list of config keys added to the |lr config")
     args = ap.parse_args()
-    gpu = torch.cuda.get_device_name()
+    gpu, variants = torch.cuda.get_device_name(), json.loads(args.variants)
     rows = []
     for n, k in SHAPES:
         for bits in args.bits:
@@ -63,21 +62,17 @@ def main() -> None:
                 run = lambda c, lr: lambda: lowbit._forward(x, packed, scale, zero, bits, 128,  # noqa: E731
                                                             down if lr else None, up if lr else None, None, cfg=c, kind=kind)
                 fns = {"cublas": lambda: F.linear(x, w16), "plain": run(plain_cfg, False)}
-                fns.update({"lr " + json.dumps(v, sort_keys=True): run(dict(lr_cfg, **v), True) for v in variants(kind)})
-                outs = {name: fn().float() for name, fn in fns.items() if name.startswith("lr ")}
-                first = next(iter(outs.values()))
-                times = {name: gpu_time_us(fn, args.reps) for name, fn in fns.items()}
-                for name, fn in reversed(list(fns.items())):  # second round, reverse order
-                    times[name] = min(times[name], gpu_time_us(fn, args.reps))
+                fns.update({"lr " + json.dumps(v, sort_keys=True): run(dict(lr_cfg, **v), True) for v in variants})
+                times = {}
+                for name, fn in list(fns.items()) + list(reversed(fns.items())):
+                    times[name] = min(times.get(name, float("inf")), gpu_time_us(fn, args.reps))
+                    _zero_counters()
                 row = dict(n=n, k=k, bits=bits, m=m, kind=kind, rank=args.rank, plain_cfg=plain_cfg, lr_cfg=lr_cfg,
                            us=times, ratio_plain=times["cublas"] / times["plain"],
-                           overhead={name[3:]: times[name] / times["plain"] - 1 for name in times if name.startswith("lr ")},
-                           max_diff_vs_first={name[3:]: (o - first).abs().max().item() for name, o in outs.items()})
+                           overhead={name[3:]: times[name] / times["plain"] - 1 for name in times if name.startswith("lr ")})
                 rows.append(row)
-                best = min(row["overhead"], key=row["overhead"].get)
                 print(f"{n}x{k} W{bits} M={m} {kind}: plain {times['plain']:.2f} us ({row['ratio_plain']:.2f}x cuBLAS) | "
-                      + " ".join(f"{name}:{o * 100:+.1f}%" for name, o in row["overhead"].items())
-                      + f" | best {best}", flush=True)
+                      + " ".join(f"{name}:{o * 100:+.1f}%" for name, o in row["overhead"].items()), flush=True)
             del w16, packed, scale, zero
             torch.cuda.empty_cache()
     with open(args.out, "w") as f:

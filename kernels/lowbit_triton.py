@@ -87,9 +87,12 @@ if triton is not None:
                 y = _mma(lo, tl.trans(up), _mma(hi, tl.trans(up), y, UPCAST), UPCAST)
             else:
                 y += tl.sum(t[:, None, :] * up.to(tl.float32)[None, :, :], axis=2)
-            # the last reader leaves the counters zeroed for the next launch (stream order)
-            if tl.atomic_add(CNT + _SLOTS + slot, 1) == (n_cons - slot + n_slots - 1) // n_slots - 1:
-                if tl.atomic_add(CNT + 2 * _SLOTS, 1) == n_slots - 1:
+            # the last reader leaves the counters zeroed for the next launch (stream order). Acquire, not
+            # the default acq_rel: nothing before these increments needs publishing (the ready read above is
+            # an acquire, so they cannot move ahead of it), and the release fence cost the correction 3-9
+            # points of its overhead at M=1 on an H200 (benchmarks/2026-12-01-h200-lowbit-lr-epilogue.json)
+            if tl.atomic_add(CNT + _SLOTS + slot, 1, sem="acquire") == (n_cons - slot + n_slots - 1) // n_slots - 1:
+                if tl.atomic_add(CNT + 2 * _SLOTS, 1, sem="acquire") == n_slots - 1:
                     zero = tl.arange(0, 2 * _SLOTS)
                     tl.store(CNT + zero, zero * 0)
                     tl.store(CNT + 2 * _SLOTS, 0)

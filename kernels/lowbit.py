@@ -256,10 +256,11 @@ def lowbit_linear_checked(x: torch.Tensor, packed: torch.Tensor, scale: torch.Te
         return lowbit_matmul_ref(x, packed, scale, zero, bits, group, down, up, bias)
     if down is not None:  # the kernels read the factors in x's dtype; autograd undoes the cast
         down, up = down.to(x.dtype).contiguous(), up.to(x.dtype).contiguous()
-    if kernel_kind(x.numel() // K, bits, x.device, x.dtype) == "dequant":
+    kind = kernel_kind(x.numel() // K, bits, x.device, x.dtype)
+    if kind == "dequant":
         return dequant_linear(x, packed, scale, zero, bits, group, down, up, bias)
     N = packed.shape[0]
     if not needs_grad(x, down, up, bias):  # inference: skip autograd.Function's overhead (it matters at decode sizes)
-        y = _forward(x.reshape(-1, K), packed, scale, zero, bits, group, down, up, bias)
+        y = _forward(x.reshape(-1, K), packed, scale, zero, bits, group, down, up, bias, kind=kind)
         return y.view(*x.shape[:-1], N)
     return _LowbitLinear.apply(x, packed, scale, zero, bias, down, up, bits, group)

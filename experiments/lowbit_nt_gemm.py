@@ -146,6 +146,15 @@ def _compile_job(job):
         return f"{cfg}: {type(exc).__name__}: {str(exc)[:160]}"
 
 
+def precompile(jobs: list, workers: int) -> None:
+    """Compile every job's config in `workers` spawned processes (filling triton's on-disk cache), so
+    that the timing loop that follows runs back to back; prints how many failed."""
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        errors = [e for e in pool.map(_compile_job, jobs, chunksize=1) if e]
+    print(f"compiled {len(jobs)} in {time.time() - t0:.0f}s, {len(errors)} failed", errors[:3], flush=True)
+
+
 def check() -> None:
     """Every variant against the reference on a small odd-M problem (run under TRITON_INTERPRET=1)."""
     from kernels.lowbit_format import dequantize_groups, pack, quantize_groups, unpack
@@ -184,10 +193,7 @@ def main() -> None:
     from kernels.bench_lowbit import gpu_time_us
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     jobs = {(b, m, tuple(sorted(c.items()))): (b, m, c) for b in args.bits for m in args.m for c in grid(m, args.variants, args.wide)}
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        errors = [e for e in pool.map(_compile_job, list(jobs.values()), chunksize=1) if e]
-    print(f"compiled {len(jobs)} in {time.time() - t0:.0f}s, {len(errors)} failed", errors[:3], flush=True)
+    precompile(list(jobs.values()), args.workers)
     rows = []
     for n, k, bits, m, w16, packed, scale, zero, x, ref in problems(SHAPES, args.bits, args.m):
         timed = time_configs(grid(m, args.variants, args.wide), lambda cfg: nt_linear(x, packed, scale, zero, bits, 128, cfg), ref)

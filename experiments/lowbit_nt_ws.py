@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from experiments.lowbit_nt_gemm import _compile_job, nt_outputs
+from experiments.lowbit_nt_gemm import nt_outputs, precompile
 from kernels import lowbit_tune
 from kernels.lowbit_half2 import _dequant_kn_half2
 from kernels.lowbit_triton import _finish
@@ -79,10 +77,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     jobs = {(b, m, tuple(sorted(c.items()))): (b, m, c, nt_ws_linear) for n, k in SHAPES for b in args.bits for m in args.m
             for c in grid(m, n, k, b, sms)}
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        errors = [e for e in pool.map(_compile_job, list(jobs.values()), chunksize=1) if e]
-    print(f"compiled {len(jobs)} in {time.time() - t0:.0f}s, {len(errors)} failed", errors[:2], flush=True)
+    precompile(list(jobs.values()), args.workers)
     rows = []
     for n, k, bits, m, w16, packed, scale, zero, x, ref in problems(SHAPES, args.bits, args.m):
         timed = time_configs(grid(m, n, k, bits, sms), lambda cfg: nt_ws_linear(x, packed, scale, zero, bits, 128, cfg), ref)

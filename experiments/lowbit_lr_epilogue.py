@@ -8,7 +8,8 @@ Each point runs the shipped configs (the plain key, and key|lr for the correctio
 harness (cold L2, launch hidden; two rounds, the second in reverse order, the lower median kept),
 against cuBLAS fp16 in the same run. Overhead = lr time / plain time - 1 (issue 19's target: <= 15%).
 `--variants` adds config keys to the |lr config, one timing each: the keys exist only with the
-patches stored in benchmarks/2026-12-01-h200-lowbit-lr-epilogue.json applied (`git apply`): UP_EARLY
+patches stored in benchmarks/2026-12-01-h200-lowbit-lr-epilogue.json applied (`git apply` on commit
+a23f56b's kernels, before the counter-word protocol): UP_EARLY
 (where the `up` tile is loaded), T_UNROLL (t partials loaded several at a time), T_K (the GEMM
 t-programs' K-slice), DIAG (1: no wait on the t-programs, 2: and no t loads, 3: and no counter
 bookkeeping, 4: no low-rank term in the epilogue: timing only, wrong results). Counters are zeroed

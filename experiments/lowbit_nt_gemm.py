@@ -96,7 +96,7 @@ def nt_outputs(x, packed, cfg):
     split = cfg["SPLIT_K"]
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     ws = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
-    return M, N, K, y, ws, tiles * split, lowbit._counters(x.device, 65 + tiles)
+    return M, N, K, y, ws, tiles * split, lowbit._counters(x.device, lowbit.N_SLOTS + tiles)
 
 
 def nt_linear(x, packed, scale, zero, bits, group, cfg):

@@ -52,7 +52,7 @@ def _rows_kernel(X, P, P16, S, Z, B, D, U, T, Y, WS, CNT, M, N, K, R, TS, stride
     pid = tl.program_id(0)
     if pid < n_tprog:
         if HAS_LR:
-            _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M, T_WARPS)
+            _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, tl.cdiv(N, BLOCK_N), BLOCK_M, T_WARPS)
     else:
         pid = pid - n_tprog
         VPW: tl.constexpr = 32 // BITS
@@ -119,7 +119,7 @@ def rows_forward(x, packed, scale, zero, bits, group, down, up, cfg):
     n_tprog = math.ceil(R / T_ROWS) * ts
     t = torch.empty(ts, M, R, device=x.device, dtype=torch.float32) if R else y
     ws = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
-    cnt = lowbit._counters(x.device, 65 + tiles)
+    cnt = lowbit._counters(x.device, lowbit.N_SLOTS + tiles)
     _rows_kernel[(n_tprog + tiles * split,)](
         x, packed, packed.view(torch.int16), scale, zero, y, down if R else y, up if R else y, t, y, ws, cnt,
         M, N, K, R, ts, x.stride(0), y.stride(0), packed.stride(0), n_tprog, BITS=bits, GROUP=group,

@@ -57,8 +57,9 @@ programs of the grid ("t-programs", each a K-slice of a few rows of `down`, fp32
 programs that write output wait for them (a spin on a counter, only in their epilogue:
 t-programs have the lowest ids, so they are scheduled first and never wait) and add t @ up^T to
 their tile. Counters live in a small int32 buffer per (device, stream), spread over 32 addresses
-(one hot address serialised ~3600 atomics: +10 us at N=14336), and every launch leaves them
-zeroed, so CUDA-graph replays work.
+(one hot address serialised ~3600 atomics: +10 us at N=14336); one atomic per output tile tells it
+both that t is complete and whether it is its word's last reader, which zeroes the word, so every
+launch leaves them zeroed and CUDA-graph replays work.
 
 Kernels: kernels/lowbit_triton.py. Configs: kernels/lowbit_tune.py (a shipped per-GPU table, a
 per-user cache, tuning on first use).
@@ -84,7 +85,7 @@ from kernels.lowbit_dispatch import (DEQUANT_MIN_M, DEQUANT_MIN_M_BY_GPU, GEMV_M
                                      _dequant_min_m, kernel_kind)
 from kernels.lowbit_format import check_lowbit_args
 from kernels.lowbit_launch import _COUNTERS, _counters, _field_order, _mma_version  # noqa: F401 (tests, experiments)
-from kernels.lowbit_triton import T_K, T_K_GEMM, T_ROWS, triton
+from kernels.lowbit_triton import N_SLOTS, READY, T_K, T_K_GEMM, T_ROWS, triton
 from kernels.lowbit_tune import config_for, pow2
 from kernels.reference import lowbit_matmul_ref
 
@@ -144,6 +145,9 @@ def _plan(cfg, kind, M, N, K, R, bits, group, has_bias, dtype, device, stride_xm
     if has_lr:
         ts = math.ceil(K / (T_K // 4 * cfg["num_warps"] // bm)) if kind == "gemv" else math.ceil(K / T_K_GEMM)
         n_tprog = math.ceil(R / T_ROWS) * ts if kind == "gemv" else math.ceil(M / bm) * ts
+        if n_tprog * READY >= 2**31 or math.ceil(tiles / N_SLOTS) >= READY:  # fields of the counter word
+            raise ValueError(f"low-rank correction: {n_tprog} t-programs and {tiles} output tiles exceed the "
+                             f"counter word (allowed: < {2**31 // READY} and < {N_SLOTS * READY})")
     fields = cfg.get("FIELDS", 0) if kind == "gemm" else 0
     mma = cfg.get("MMA", 3) if kind == "gemm" else 3
     # half2 dequantisation unless the config says HALF2: 0 (faster on every tile timed, same bits): fp16
@@ -162,7 +166,7 @@ def _plan(cfg, kind, M, N, K, R, bits, group, has_bias, dtype, device, stride_xm
     assert tuple(names[:first]) == tuple(a for a in _TENSOR_ARGS if a in names), names  # tensors lead
     options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                    **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
-    return (cfg, kernel, (n_tprog + tiles * split,), tuple(named[a] for a in names[first:]), options, 65 + tiles,
+    return (cfg, kernel, (n_tprog + tiles * split,), tuple(named[a] for a in names[first:]), options, N_SLOTS + tiles,
             bits if fields == 2 else 0, mma, (ts, M, R), split, kind == "gemm")
 
 

@@ -14,8 +14,9 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def _counters(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 counters [32 ready, 32 done, 1 slots done, split-K tiles...] for this device
-    and stream; every launch leaves them zeroed, so they are reused without a memset."""
+    """Zeroed int32 counters [32 low-rank words, split-K tiles...] for this device and stream
+    (kernels/lowbit_triton.py _epilogue); every launch leaves them zeroed, so they are reused
+    without a memset."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     buf = _COUNTERS.get(key)

@@ -14,6 +14,8 @@ except ImportError:  # a machine without triton still gets the reference (kernel
 
 T_ROWS, T_K = 4, 2048  # GEMV-mode t-program, 4 warps: 4 rows of `down` x 2048 columns (16 KB, one pass)
 T_K_GEMM = 1024  # GEMM-mode t-program: K-slice per program
+N_SLOTS = 32  # low-rank counter words; split-K arrival counters follow them (see _epilogue)
+READY = 1 << 16  # a t-program's increment of a counter word: readers count in the low 16 bits
 
 
 if triton is not None:
@@ -21,10 +23,17 @@ if triton is not None:
     from kernels.lowbit_tiles import _dequant, _dequant_kn, _field, _fields_tile, _fields_words_tile, _gemv_tile, _mma
 
     _T_ROWS, _T_K, _T_K_GEMM = tl.constexpr(T_ROWS), tl.constexpr(T_K), tl.constexpr(T_K_GEMM)
-    _SLOTS = tl.constexpr(32)  # counter slots, see _epilogue
+    _SLOTS, _READY = tl.constexpr(N_SLOTS), tl.constexpr(READY)
 
     @triton.jit
-    def _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M: tl.constexpr, WARPS: tl.constexpr):
+    def _release_t(CNT, n_cons):
+        """A t-program's partials are stored: count it in every counter word a reader will use."""
+        tl.debug_barrier()  # every thread's store before the release below
+        s = tl.arange(0, _SLOTS)
+        tl.atomic_add(CNT + s, _READY, mask=s < tl.minimum(n_cons, _SLOTS), sem="release")
+
+    @triton.jit
+    def _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, n_cons, BLOCK_M: tl.constexpr, WARPS: tl.constexpr):
         """t-program (GEMV mode): T[slice, m, r] = x[m, slice] . down[r, slice] for T_ROWS rows r,
         a slice of T_K / 4 * WARPS / BLOCK_M columns (64 products per thread)."""
         TK: tl.constexpr = _T_K // 4 * WARPS // BLOCK_M
@@ -39,11 +48,10 @@ if triton is not None:
                     mask=(r < R)[None, :, None] & (k < K)[None, None, :], other=0.0).to(tl.float32)
         tl.store(T + (ks * M + m[:, None]) * R + r[None, :], tl.sum(x * d, axis=2),
                  mask=(m < M)[:, None] & (r < R)[None, :])
-        tl.debug_barrier()  # every thread's store before the release below
-        tl.atomic_add(CNT + tl.arange(0, _SLOTS), 1, sem="release")  # one per slot: see _epilogue
+        _release_t(CNT, n_cons)
 
     @triton.jit
-    def _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    def _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, n_cons, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                 UPCAST: tl.constexpr):
         """t-program (GEMM mode): T[slice, m-tile, :] = x[m-tile, slice] @ down[:, slice]^T."""
         n_mt = tl.cdiv(M, BLOCK_M)
@@ -57,8 +65,7 @@ if triton is not None:
             d = tl.load(D + r[None, :] * K + k[:, None], mask=(r < R)[None, :] & (k < K)[:, None], other=0.0)
             acc = _mma(x, d, acc, UPCAST)
         tl.store(T + (ks * M + m[:, None]) * R + r[None, :], acc, mask=(m < M)[:, None] & (r < R)[None, :])
-        tl.debug_barrier()
-        tl.atomic_add(CNT + tl.arange(0, _SLOTS), 1, sem="release")
+        _release_t(CNT, n_cons)
 
     @triton.jit
     def _epilogue(y, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
@@ -66,15 +73,22 @@ if triton is not None:
                   UPCAST: tl.constexpr):
         """y[m, n] (fp32) += t @ up^T (+ bias); store in Y's dtype.
 
-        Counters (CNT[0:32] ready, CNT[32:64] done, CNT[64] slots done) are spread over 32
-        addresses: thousands of output tiles hitting one address serialise in L2 (measured +10 us
-        at N=14336). Tile c uses slot c % S; every t-program releases all 32 ready slots."""
+        Output tile c reads counter word c % S (S = min(tiles, 32): thousands of tiles on one address
+        serialise in L2, measured +10 us at N=14336). A word holds READY times the t-programs done
+        plus the readers that have arrived (low 16 bits). One atomic per reader tells both whether
+        t is complete and whether this reader is the word's last; the last one zeroes the word for
+        the next launch (stream order), which a reader still spinning takes as "complete" (only the
+        last, which has seen every t-program, zeroes it). An extra per-word done counter, as before,
+        cost 8-20 points of the correction's overhead: its return trip ended every program."""
         if HAS_LR:
             n_slots = tl.minimum(n_cons, _SLOTS)
             slot = tile % n_slots
-            ready = tl.atomic_add(CNT + slot, 0, sem="acquire")
-            while ready < n_tprog:  # t-programs run first (lowest ids): in practice no wait
-                ready = tl.atomic_add(CNT + slot, 0, sem="acquire")
+            seen = tl.atomic_add(CNT + slot, 1, sem="acquire")
+            word = seen + 1  # the word after this reader's increment: not 0 until the last reader zeroes it
+            while (word // _READY < n_tprog) & (word != 0):  # t-programs run first (lowest ids): rarely spins
+                word = tl.atomic_add(CNT + slot, 0, sem="acquire")
+            if seen % _READY == (n_cons - slot + n_slots - 1) // n_slots - 1:  # a release: a spinning reader
+                tl.atomic_xchg(CNT + slot, 0, sem="release")  # that sees 0 then sees what this one saw
             r = tl.arange(0, BLOCK_R)
             tmask = (m < M)[:, None] & (r < R)[None, :]
             t = tl.zeros((y.shape[0], BLOCK_R), tl.float32)
@@ -87,15 +101,6 @@ if triton is not None:
                 y = _mma(lo, tl.trans(up), _mma(hi, tl.trans(up), y, UPCAST), UPCAST)
             else:
                 y += tl.sum(t[:, None, :] * up.to(tl.float32)[None, :, :], axis=2)
-            # the last reader leaves the counters zeroed for the next launch (stream order). Acquire, not
-            # the default acq_rel: nothing before these increments needs publishing (the ready read above is
-            # an acquire, so they cannot move ahead of it), and the release fence cost the correction 3-9
-            # points of its overhead at M=1 on an H200 (benchmarks/2026-12-01-h200-lowbit-lr-epilogue.json)
-            if tl.atomic_add(CNT + _SLOTS + slot, 1, sem="acquire") == (n_cons - slot + n_slots - 1) // n_slots - 1:
-                if tl.atomic_add(CNT + 2 * _SLOTS, 1, sem="acquire") == n_slots - 1:
-                    zero = tl.arange(0, 2 * _SLOTS)
-                    tl.store(CNT + zero, zero * 0)
-                    tl.store(CNT + 2 * _SLOTS, 0)
         if HAS_BIAS:
             y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(Y + m[:, None] * stride_ym + n[None, :], y.to(Y.dtype.element_ty),
@@ -113,13 +118,13 @@ if triton is not None:
             mask = (m < M)[:, None] & (n < N)[None, :]
             tl.store(WS + (pid_k * M + m[:, None]) * N + n[None, :], y, mask=mask)
             tl.debug_barrier()  # every thread's partial before the release below
-            arrived = tl.atomic_add(CNT + 2 * _SLOTS + 1 + tile, 1)
+            arrived = tl.atomic_add(CNT + _SLOTS + tile, 1)
             if arrived == SPLIT_K - 1:  # last slice in: sum all slices in a fixed order
                 total = tl.zeros_like(y)
                 for s in tl.static_range(SPLIT_K):
                     total += tl.load(WS + (s * M + m[:, None]) * N + n[None, :], mask=mask, other=0.0,
                                  cache_modifier=".cg")
-                tl.atomic_xchg(CNT + 2 * _SLOTS + 1 + tile, 0)
+                tl.atomic_xchg(CNT + _SLOTS + tile, 0)
                 _epilogue(total, m, n, tile, Y, B, U, T, CNT, M, N, R, TS, stride_ym, n_tprog, n_cons,
                           HAS_BIAS, HAS_LR, BLOCK_R, LR_DOT, UPCAST)
 
@@ -132,7 +137,7 @@ if triton is not None:
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
-                _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M, T_WARPS)
+                _t_gemv(pid, X, D, T, CNT, M, K, R, stride_xm, M * tl.cdiv(N, BLOCK_N), BLOCK_M, T_WARPS)
         else:
             pid = pid - n_tprog
             LO: tl.constexpr = 2 if BITS == 3 else BITS
@@ -193,7 +198,8 @@ if triton is not None:
         pid = tl.program_id(0)
         if pid < n_tprog:
             if HAS_LR:
-                _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, BLOCK_M, BLOCK_R, UPCAST)
+                _t_gemm(pid, X, D, T, CNT, M, K, R, stride_xm, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), BLOCK_M, BLOCK_R,
+                        UPCAST)
         else:
             pid = pid - n_tprog
             VPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS

@@ -192,23 +192,30 @@ def test_half2_gemm_equals_the_fp32_route_gemm_at_two_bits(mma):
     (1, dict(BLOCK_N=8, BLOCK_KW=128, SPLIT_K=4, num_warps=1, num_stages=1, PREFETCH=False)),
     (16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, num_warps=4, num_stages=3, FIELDS=1, MMA=2))])
 def test_fused_correction_counters_hold_over_back_to_back_launches(m, cfg):
-    """The t-program counters (ready / done, reset in-kernel by the last reader) across 200 launches
-    back to back, each on a new x: a tile that read t before its t-programs finished, or a launch
-    that found counters left set, would give a stale or partial x @ down^T somewhere."""
+    """The t-program counter words (t-programs done and readers arrived, zeroed in-kernel by the
+    last reader) across 200 launches back to back, each on a new x, alternating a layer with
+    hundreds of output tiles and one with fewer tiles than counter words: a tile that read t before
+    its t-programs finished, or a launch that found a word left set, would give a stale or partial
+    x @ down^T somewhere."""
     from kernels import lowbit
     from kernels.lowbit_format import pack, quantize_groups
 
     gen = torch.Generator().manual_seed(0)
-    q, s, z = quantize_groups(torch.randn(2048, 4096, generator=gen) * 0.05, 4, 128)
-    packed, scale, zero = pack(q, 4).cuda(), s.cuda(), z.cuda()
-    down = (torch.randn(64, 4096, generator=gen) * 0.05).cuda().half()
-    up = (torch.randn(2048, 64, generator=gen) * 0.05).cuda().half()
+    layers = []
+    for n in (2048, 88):  # 88 rows: 11-22 output tiles, under the 32 counter words
+        q, s, z = quantize_groups(torch.randn(n, 4096, generator=gen) * 0.05, 4, 128)
+        layers.append((pack(q, 4).cuda(), s.cuda(), z.cuda(), (torch.randn(64, 4096, generator=gen) * 0.05).cuda().half(),
+                       (torch.randn(n, 64, generator=gen) * 0.05).cuda().half()))
     xs = torch.randn(200, m, 4096, device="cuda", dtype=torch.float16)
     kind = "gemv" if m == 1 else "gemm"
-    ys = [lowbit._forward(x, packed, scale, zero, 4, 128, down, up, None, cfg=cfg, kind=kind) for x in xs]
-    plain = [lowbit._forward(x, packed, scale, zero, 4, 128, None, None, None, cfg=cfg, kind=kind) for x in xs]
+    ys, plain = [], []
+    for i, x in enumerate(xs):
+        packed, scale, zero, down, up = layers[i % 2]
+        ys.append(lowbit._forward(x, packed, scale, zero, 4, 128, down, up, None, cfg=cfg, kind=kind))
+        plain.append(lowbit._forward(x, packed, scale, zero, 4, 128, None, None, None, cfg=cfg, kind=kind))
     torch.cuda.synchronize()
-    for x, y, p in zip(xs, ys, plain):
+    for i, (x, y, p) in enumerate(zip(xs, ys, plain)):
+        _, _, _, down, up = layers[i % 2]
         lowrank = (x.float() @ down.float().t()) @ up.float().t()
         assert ((y.float() - p.float()) - lowrank).abs().max() < 2e-2 * lowrank.abs().max()
     assert all(not buf.any() for buf in lowbit._COUNTERS.values())

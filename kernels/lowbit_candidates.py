@@ -99,12 +99,17 @@ def _nt_candidates(M, N, K, bits, sms, group):
         for bn in (32, 64, 128):
             for bk in (128, 256):
                 for split in (1, 2, 4, 8):
-                    if sms <= math.ceil(N / bn) * math.ceil(M / bm) * split <= 4 * sms and K / split >= 2 * bk:
+                    if sms // 2 <= math.ceil(N / bn) * math.ceil(M / bm) * split <= 4 * sms and K / split >= 2 * bk:
                         out += [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=3, NT=1)
                                 for warps in (4, 8)]
     progs = lambda c: math.ceil(N / c["BLOCK_N"]) * math.ceil(M / c["BLOCK_M"]) * c["SPLIT_K"]
-    out.sort(key=lambda c: (abs(math.log2(progs(c) / (2 * sms))), c["BLOCK_K"], c["BLOCK_M"] != min(64, pow2(M))))
-    return out[:16] + [dict(c, num_stages=2) for c in out[:8]]  # 2 stages: -5-7% on two 8B shapes, W4 M=64
+    # tiles inside one group first: only they take the half2 dequantisation (kernels/lowbit.py _plan)
+    out.sort(key=lambda c: (c["BLOCK_K"] > group, abs(math.log2(progs(c) / (2 * sms))), c["BLOCK_K"],
+                            c["BLOCK_M"] != min(64, pow2(M))))
+    # 2 stages: -5-7% on two 8B shapes, W4 M=64; 4-5 stages (half2): the best tile of a wider grid at M=64 on
+    # an H200 1-4% faster than the shipped pick on the 8B shapes, 6-10% on 1024 x 4096
+    # (benchmarks/2026-12-01-h200-lowbit-nt-stages.json)
+    return out[:16] + [dict(c, num_stages=s) for s in (2, 4, 5) for c in out[:8]]
 
 
 def _fields_candidates(M, N, K, bits, sms, group):

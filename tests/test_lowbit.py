@@ -101,15 +101,30 @@ def test_mma_v2_compiles_with_wgmma_disabled_and_leaves_the_environment_as_it_wa
     assert len({tuple(sorted((k, v) for k, v in c.items() if k != "MMA")) for c in fields}) * 2 == len(fields)
 
 
-def test_un_swapped_gemm_is_offered_from_m17_at_one_to_four_programs_per_sm():
+def test_un_swapped_gemm_is_offered_from_m17_at_half_to_four_programs_per_sm():
     from kernels import lowbit_tune
 
     assert not [c for c in lowbit_tune._gemm_candidates(16, 4096, 4096, 4, 132, 128) if c.get("NT")]
     nt = [c for c in lowbit_tune._gemm_candidates(64, 4096, 4096, 4, 132, 128) if c.get("NT")]
-    assert len(nt) == 24 and {c["num_stages"] for c in nt} == {2, 3}
-    for c in nt:  # 1-4 programs per SM, at least two K tiles per split
-        assert 132 <= 4096 // c["BLOCK_N"] * c["SPLIT_K"] <= 4 * 132 and 4096 / c["SPLIT_K"] >= 2 * c["BLOCK_K"]
-    assert dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3, NT=1) in nt  # H200's pick
+    assert len(nt) == 40 and {c["num_stages"] for c in nt} == {2, 3, 4, 5}
+    for c in nt:  # 0.5-4 programs per SM, at least two K tiles per split
+        assert 66 <= 4096 // c["BLOCK_N"] * c["SPLIT_K"] <= 4 * 132 and 4096 / c["SPLIT_K"] >= 2 * c["BLOCK_K"]
+    assert all(c["BLOCK_K"] <= 128 for c in nt[16:])  # the extra stages go to tiles inside one group (half2)
+    assert dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=5, NT=1) in nt  # H200's pick
+    small = [c for c in lowbit_tune._gemm_candidates(64, 1024, 4096, 4, 132, 128) if c.get("NT")]
+    assert dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=5, NT=1) in small  # 128 programs
+
+
+def test_fused_correction_refuses_a_launch_its_counter_words_cannot_count():
+    """A counter word counts readers in 16 bits (kernels/lowbit_triton.py _epilogue): more than
+    32 * 65535 output tiles would carry into the t-programs' count and read t too early."""
+    from kernels import lowbit
+
+    cfg = dict(BLOCK_N=4, BLOCK_KW=64, SPLIT_K=1, num_warps=1, num_stages=1)
+    args = (1, 8_400_000, 256)  # M, N, K: 2.1M output tiles of 4 rows
+    with pytest.raises(ValueError, match="exceed the counter word"):
+        lowbit._plan(cfg, "gemv", *args, 64, 4, 128, False, torch.float16, torch.device("cpu"), 256, 32)
+    lowbit._plan(cfg, "gemv", *args, 0, 4, 128, False, torch.float16, torch.device("cpu"), 256, 32)  # no correction: no counters
 
 
 def test_launch_plans_are_reused_per_call_shape_and_rebuilt_when_the_config_changes(monkeypatch):

@@ -78,8 +78,10 @@ if triton is not None:
         plus the readers that have arrived (low 16 bits). One atomic per reader tells both whether
         t is complete and whether this reader is the word's last; the last one zeroes the word for
         the next launch (stream order), which a reader still spinning takes as "complete" (only the
-        last, which has seen every t-program, zeroes it). An extra per-word done counter, as before,
-        cost 8-20 points of the correction's overhead: its return trip ended every program."""
+        last, which has seen every t-program, zeroes it). The separate done counters this replaced
+        cost a second atomic whose return trip ended every program: dropping them took 1-6 points
+        off the overhead on 13 of 16 points timed on an H200
+        (benchmarks/2026-12-01-h200-lowbit-lr-counter-words.json)."""
         if HAS_LR:
             n_slots = tl.minimum(n_cons, _SLOTS)
             slot = tile % n_slots
